@@ -55,3 +55,38 @@ def test_recipe_runs_tiny(name, tmp_path):
     result = train(cfg)
     assert result.step == 1
     assert read_metrics(Path(result.output_dir) / "metrics.jsonl")[-1]["step"] == 1
+
+
+def _world_configs() -> list[str]:
+    return [p.name for p in sorted(configs_dir().glob("*.yaml")) if str(load_config(p).model.path).startswith("world/")]
+
+
+# the world recipes' data settings, shrunk (synthetic pairs: 1 prompt x 2 images, 2 steps)
+WORLD_QUICK = {
+    "data": ["data.path={tmp}/pairs", "data.synthetic.prompts=[a red circle]", "data.synthetic.images_per_prompt=2",
+             "data.synthetic.prompt_repeats=1", "data.synthetic.num_steps=2"],
+    "eval": ["method.eval_images_per_prompt=1", "method.eval_num_steps=2"],
+}
+
+
+@pytest.mark.parametrize("name", _world_configs())
+def test_world_recipe_runs_on_the_tiny_world(name, tiny_world, tmp_path):
+    """Each configs/*_shapes.yaml runs one step on the tiny world models (the shipped ones are slow)."""
+    base = load_config(name)
+    overrides = ["optimization.max_steps=1", f"output.dir={tmp_path}", "logging.tensorboard=false",
+                 "logging.progress_bar=false", "output.checkpoint_every=0", "logging.eval_every=0",
+                 *QUICK.get(base.method.name, [])]
+    if "shapes" in base.rewards:  # the tiny world's random models rarely meet a requirement: ties everywhere
+        overrides.append("rewards={world_clip: 1.0}")
+    if base.data.source == "synthetic":
+        overrides += [item.format(tmp=tmp_path) for item in WORLD_QUICK["data"]]
+    if getattr(base.method.options, "eval_prompts", None) is not None:
+        overrides += WORLD_QUICK["eval"]
+    if "step_aware" in base.rewards:  # SPO scores with the step-aware model its own recipe trains
+        pm = train(load_config("step_aware_pm_shapes.yaml", [
+            "optimization.max_steps=1", f"output.dir={tmp_path}/pm", "logging.progress_bar=false", "logging.tensorboard=false",
+            "output.checkpoint_every=0", "logging.eval_every=0", *QUICK["step_aware_pm"],
+            *[item.format(tmp=tmp_path) for item in WORLD_QUICK["data"]], "rewards={world_clip: 1.0}"]))
+        overrides.append(f"rewards.step_aware.path={pm.output_dir / 'final'}")
+    result = train(load_config(name, overrides))
+    assert result.step == 1
