@@ -80,3 +80,48 @@ def test_grpo_config_errors(tmp_path):
         _config(tmp_path, "sd3", "x", group_size=1)
     with pytest.raises(ValueError, match="RatioNorm is defined for flow models"):
         train(_config(tmp_path, "sd", "x", ratio_norm=True))
+
+
+def test_each_transition_carries_the_advantage_of_the_image_its_chain_produced():
+    """Images, chains, training edges and advantages line up: the edges of chain i carry the group
+    advantage of image i's own reward (recomputed here from the rollout's images), and one
+    gradient step on the surrogate raises the advantage-weighted log-likelihood of the actions."""
+    from accelerate import Accelerator
+
+    from diffalign.objectives import group_advantages
+    from diffalign.rollout import recompute_transition
+    from diffalign.train import build_adapter, build_rewards
+    from diffalign.trainers.grpo import GRPOTrainer
+
+    cfg = _config("/tmp/unused", "sd", "alignment")
+    adapter = build_adapter(cfg)
+    adapter.add_lora(rank=4, alpha=None, target_modules=cfg.model.lora.target_modules, dropout=0.0)
+    rewards = build_rewards(cfg)
+    trainer = GRPOTrainer(cfg, adapter, Accelerator(cpu=True), rewards)
+    with torch.no_grad():
+        edges = trainer.collect()
+    traj = trainer.trajectory
+    raw = rewards.score(traj.images, ["p"] * traj.num_leaves).scores["jpeg_incompressibility"]
+    expected = group_advantages(raw, traj.leaf_prompt_index, scale="group", clip=5.0)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(edges["advantage"], expected[edges["node"]])
+    # the recorded next latents are the chains' own (the last level holds the decoded images' latents)
+    last = edges["step"] == traj.num_steps - 1
+    torch.testing.assert_close(edges["x_next"][last], traj.final_latents[edges["node"][last]])
+
+    # descent on -A * ratio raises sum_i A_i logp_i (to first order, for a small step)
+    params = adapter.trainable_parameters()
+
+    def weighted_logp():
+        pred = adapter.predict(edges["x"], edges["t"], trainer.cond.select(edges["prompt_index"]), traj.guidance_scale)
+        logp, _ = recompute_transition(adapter, traj.levels, edges, pred, trainer.sampler)
+        return (edges["advantage"] * logp).sum()
+
+    loss, _ = trainer.compute_loss(edges)
+    grads = torch.autograd.grad(loss, params)
+    before = weighted_logp().item()
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p -= 1e-3 * g
+        after = weighted_logp().item()
+    assert after > before
