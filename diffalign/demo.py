@@ -65,5 +65,10 @@ def run(args) -> dict:
                                       labels=[cfg.run_name])
     print(f"\nheld-out verifier accuracy (every requirement met, {getattr(cfg.method.options, 'eval_prompts', 'held-out')}): "
           f"{100 * before:.1f}% -> {100 * after:.1f}%")
+    met = [key for key in sorted(result.end_eval) if key.startswith("world_met/")]
+    if met:  # which part of the prompts the model gets right (see diffalign.evaluation)
+        print("requirements met, before -> after: " + ", ".join(
+            f"{key.split('/')[1]} {100 * result.start_eval.get(key, float('nan')):.0f}% -> {100 * result.end_eval[key]:.0f}%"
+            for key in met))
     print(f"adapter: {out / 'final'}\ngrid:    {grid_png}\ncurve:   {curve_png}")
     return {"before": before, "after": after, "grid": grid_png, "curve": curve_png, "output_dir": out}

@@ -75,12 +75,15 @@ def evaluate_prompts(
 ) -> dict:
     """Mean of every reward over ``prompts`` x ``images_per_prompt`` fixed-seed images.
 
-    World prompts also get per-kind means (``shapes/relation`` ...). Returns a flat metrics
+    World prompts also get per-kind means (``shapes/relation`` ...) and the verifier's met-rate
+    of each requirement type (``world_met/relation`` ...: which part of the prompts the model
+    gets wrong), whatever the rewards. Returns a flat metrics
     dict (plus ``images`` and per-image ``scores`` when ``return_images``). ``predict_fn``
     replaces the adapter's prediction (e.g. :class:`diffalign.rlg.RLGuidance`).
     """
     all_prompts = [p for p in prompts for _ in range(images_per_prompt)]
     scores: dict[str, list[torch.Tensor]] = defaultdict(list)
+    met = _RequirementRates() if _is_world(prompts) else None
     images_out = []
     for start in range(0, len(all_prompts), batch_size):
         chunk = all_prompts[start : start + batch_size]
@@ -93,6 +96,8 @@ def evaluate_prompts(
                           predict_fn=predict_fn)
         for key, reward in rewards.items():
             scores[key].append(reward.score(images, chunk).float().cpu())
+        if met is not None:
+            met.add(images, chunk)
         if return_images:
             images_out.append(images.cpu())
     metrics = {}
@@ -101,10 +106,44 @@ def evaluate_prompts(
         metrics[key] = values.mean().item()
         metrics[f"{key}_std"] = values.std().item() if values.numel() > 1 else 0.0
     _add_world_kinds(metrics, per_image, all_prompts)
+    if met is not None:
+        metrics.update(met.rates())
     if return_images:
         metrics["images"] = torch.cat(images_out)
         metrics["scores"] = per_image
     return metrics
+
+
+def _is_world(prompts: list[str]) -> bool:
+    from diffalign.world import kind_of
+
+    try:
+        for p in prompts:
+            kind_of(p)
+    except ValueError:
+        return False
+    return True
+
+
+class _RequirementRates:
+    """How often each requirement type of the verifier (present, count, relation,
+    only_requested) is met, over every image of an evaluation."""
+
+    def __init__(self) -> None:
+        self.met: dict[str, int] = defaultdict(int)
+        self.total: dict[str, int] = defaultdict(int)
+
+    def add(self, images: torch.Tensor, prompts: list[str]) -> None:
+        from diffalign.world.verifier import verify
+
+        for requirements in verify(images, prompts).requirements:
+            for name, ok in requirements:
+                kind = name.split("[")[0]  # present[1] -> present
+                self.met[kind] += int(ok)
+                self.total[kind] += 1
+
+    def rates(self) -> dict[str, float]:
+        return {f"world_met/{kind}": self.met[kind] / self.total[kind] for kind in sorted(self.total)}
 
 
 def _add_world_kinds(metrics: dict, per_image: dict, prompts: list[str]) -> None:

@@ -22,7 +22,7 @@ def test_demo_trains_reports_accuracy_and_writes_grid_and_curve(tiny_world, tmp_
     overrides = [arg for item in [f"output.dir={tmp_path}", *QUICK] for arg in ("--set", item)]
     assert main(["demo", *overrides]) == 0
     out = capsys.readouterr().out
-    assert "held-out verifier accuracy" in out and "% -> " in out
+    assert "held-out verifier accuracy" in out and "% -> " in out and "requirements met" in out
     run = tmp_path / "grpo_shapes"
     assert (run / "demo_grid" / "grid.png").is_file() and (run / "demo_grid" / "index.html").is_file()
     assert (run / "reward_curve.png").is_file()

@@ -116,3 +116,22 @@ def test_empty_prompt_file(tmp_path, capsys):
     empty.write_text("# nothing here\n\n")
     assert main(["generate", "--model", "tiny:sd3", "--prompt-file", str(empty)]) == 2
     assert "holds no prompts" in capsys.readouterr().err
+
+
+def test_world_requirement_rates_count_each_requirement_type():
+    """Evaluations on world prompts report how often each verifier requirement is met: all of
+    them on the renderer's own scenes; with the captions shifted by one, presence fails."""
+    from diffalign.evaluation import _is_world, _RequirementRates
+    from diffalign.world import render_batch
+
+    prompts = ["a red circle", "two cyan squares", "a magenta triangle left of a yellow circle",
+               "a blue square and a green triangle"]
+    assert _is_world(prompts) and not _is_world(["a photo of a cat"])
+    images = render_batch(prompts, rng=0)
+    own = _RequirementRates()
+    own.add(images, prompts)
+    assert own.rates() == {"world_met/count": 1.0, "world_met/only_requested": 1.0, "world_met/present": 1.0,
+                           "world_met/relation": 1.0}
+    shifted = _RequirementRates()
+    shifted.add(images, prompts[1:] + prompts[:1])
+    assert shifted.rates()["world_met/present"] < 0.5 and shifted.total["relation"] == 1
