@@ -23,26 +23,29 @@ from diffalign.evaluation import build_eval_rewards
 from diffalign.generate import add_model_arguments, add_prompt_arguments, generate_images, prompts_from_args, sampling_from_args
 from diffalign.models import load_model
 
-CELL_TEXT_HEIGHT = 14
+LINE_HEIGHT = 12  # one line of the default bitmap font
 
 
 def compose_grid(cells: list[list[Image.Image]], row_labels: list[str], column_labels: list[str],
                  notes: list[list[str]], scale: int = 2) -> Image.Image:
-    """Rows x columns of images, upscaled ``scale`` times (nearest), with labels and notes."""
+    """Rows x columns of images, upscaled ``scale`` times (nearest), with labels and notes
+    (each note's space-separated items on lines of their own, so several rewards fit a cell)."""
     font = ImageFont.load_default()
     w, h = cells[0][0].size
     w, h = w * scale, h * scale
     label_w, header_h = 260, 18
-    grid = Image.new("RGB", (label_w + w * len(column_labels), header_h + (h + CELL_TEXT_HEIGHT) * len(cells)), "white")
+    text_h = 2 + LINE_HEIGHT * max(len(note.split()) for row in notes for note in row) if notes and notes[0] else 2
+    grid = Image.new("RGB", (label_w + w * len(column_labels), header_h + (h + text_h) * len(cells)), "white")
     draw = ImageDraw.Draw(grid)
     for j, label in enumerate(column_labels):
         draw.text((label_w + j * w + 2, 3), label[: w // 6], fill="black", font=font)
     for i, row in enumerate(cells):
-        top = header_h + i * (h + CELL_TEXT_HEIGHT)
+        top = header_h + i * (h + text_h)
         draw.text((4, top + h // 2 - 6), row_labels[i][:42], fill="black", font=font)
         for j, image in enumerate(row):
             grid.paste(image.resize((w, h), Image.NEAREST), (label_w + j * w, top))
-            draw.text((label_w + j * w + 2, top + h + 1), notes[i][j][: w // 6], fill="black", font=font)
+            for k, line in enumerate(notes[i][j].split()):
+                draw.text((label_w + j * w + 2, top + h + 1 + k * LINE_HEIGHT), line[: w // 6], fill="black", font=font)
     return grid
 
 
