@@ -115,6 +115,7 @@ def evaluate_prompts(
 
 
 def _is_world(prompts: list[str]) -> bool:
+    """Whether every prompt is a shapes-world prompt (the grammar parses it)."""
     from diffalign.world import kind_of
 
     try:
@@ -150,10 +151,9 @@ def _add_world_kinds(metrics: dict, per_image: dict, prompts: list[str]) -> None
     """Per prompt-kind means for world prompts (single / counting / two_object / relation)."""
     from diffalign.world import kind_of
 
-    try:
-        kinds = [kind_of(p) for p in prompts]
-    except ValueError:  # not world prompts
+    if not _is_world(prompts):
         return
+    kinds = [kind_of(p) for p in prompts]
     for key, values in per_image.items():
         for kind in sorted(set(kinds)):
             mask = torch.tensor([k == kind for k in kinds])

@@ -34,7 +34,8 @@ def compose_grid(cells: list[list[Image.Image]], row_labels: list[str], column_l
     w, h = cells[0][0].size
     w, h = w * scale, h * scale
     label_w, header_h = 260, 18
-    text_h = 2 + LINE_HEIGHT * max(len(note.split()) for row in notes for note in row) if notes and notes[0] else 2
+    lines = max((len(note.split()) for row in notes for note in row), default=0)
+    text_h = 2 + LINE_HEIGHT * lines
     grid = Image.new("RGB", (label_w + w * len(column_labels), header_h + (h + text_h) * len(cells)), "white")
     draw = ImageDraw.Draw(grid)
     for j, label in enumerate(column_labels):
