@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
-    REPO, Recorder, bench_config, fmt, median, patched_trainer, process_settings, run_training,
+    REPO, Recorder, bench_config, fmt, median, patched_trainer, process_settings, run_training, write_results,
 )
 
 import torch  # noqa: E402
@@ -256,9 +256,7 @@ def run(a) -> int:
     print(f"same inputs: loss ours {check['loss_ours']:.8f} diffusers {check['loss_diffusers']:.8f} "
           f"|diff| {check['loss_abs_diff']:.3g}; max |grad diff| {check['grad_max_abs_diff']:.3g} "
           f"(max |grad| {check['grad_max_abs']:.3g})")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"result": result, "args": {k: str(v) for k, v in vars(a).items()}}, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    write_results(a.out, {"result": result}, a)
     return 0
 
 

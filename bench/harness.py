@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import statistics
 import sys
 import time
@@ -44,6 +45,22 @@ def add_model_and_methods(parser) -> None:
                         help="world/sd3, world/sd, a diffusers folder, or tiny:<family>")
     parser.add_argument("--methods", nargs="+", default=list(IMAGE_METHODS),
                         help=f"from {', '.join(IMAGE_METHODS)} ('dpo' = diffusion_dpo)")
+
+
+def resolve_methods(parser, names: list[str]) -> list[str]:
+    """``--methods`` values -> config names (``dpo`` = ``diffusion_dpo``); unknown ones end the run."""
+    methods = [{"dpo": "diffusion_dpo"}.get(m, m) for m in names]
+    unknown = [m for m in methods if m not in IMAGE_METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(IMAGE_METHODS)}")
+    return methods
+
+
+def write_results(out: Path, payload: dict, args) -> None:
+    """``payload`` plus the command-line arguments as ``out`` (JSON), creating its folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**payload, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 def is_tiny(model: str) -> bool:

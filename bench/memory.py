@@ -26,9 +26,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import IMAGE_METHODS, REPO, add_model_and_methods, apply_overrides, bench_config, fmt, peak_rss_mb  # noqa: E402
+from harness import (  # noqa: E402
+    REPO, add_model_and_methods, apply_overrides, bench_config, fmt, peak_rss_mb, resolve_methods, write_results,
+)
 
-ALIASES = {"dpo": "diffusion_dpo"}
 
 
 def run_case(method: str, training: str, a) -> dict:
@@ -119,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         method, training = a.case.split(":")
         print("RESULT " + json.dumps(run_case(method, training, a)), flush=True)
         return 0
-    methods = [ALIASES.get(m, m) for m in a.methods]
-    unknown = [m for m in methods if m not in IMAGE_METHODS]
-    if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {', '.join(IMAGE_METHODS)}")
+    methods = resolve_methods(parser, a.methods)
     results = []
     for method in methods:
         for training in a.trainings:
@@ -135,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(json.loads(line[-1][len("RESULT "):]))
                 print(json.dumps(results[-1]), flush=True)
     print_table(results)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"results": results, "args": {k: str(v) for k, v in vars(a).items()}}, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    write_results(a.out, {"results": results}, a)
     return 1 if any("error" in r for r in results) else 0
 
 

@@ -49,13 +49,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
-    IMAGE_METHODS, REPO, Recorder, add_model_and_methods, apply_overrides, bench_config, fmt, patched_trainer, process_settings,
-    run_training,
+    REPO, Recorder, add_model_and_methods, apply_overrides, bench_config, fmt, patched_trainer, process_settings,
+    resolve_methods, run_training, write_results,
 )
 
 import torch  # noqa: E402
 
-ALIASES = {"dpo": "diffusion_dpo"}
 BARE_INCLUDES = {
     "sft": "text enc + VAE enc (no grad); 1 denoiser fwd on B; MSE; backward; clip; AdamW",
     "diffusion_dpo": "text enc + VAE enc on 2B (no grad); policy fwd 2B; reference fwd 2B (no grad); "
@@ -294,10 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(a, parser) -> int:
-    methods = [ALIASES.get(m, m) for m in a.methods]
-    unknown = [m for m in methods if m not in IMAGE_METHODS]
-    if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {', '.join(IMAGE_METHODS)}")
+    methods = resolve_methods(parser, a.methods)
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="diffalign_overhead_"))
     results = []
     for method in methods:
@@ -310,9 +306,7 @@ def run(a, parser) -> int:
         results[-1]["bench_wall_s"] = round(time.perf_counter() - start, 1)
         print(json.dumps(results[-1]), flush=True)
     print_table(results)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"results": results, "args": {k: str(v) for k, v in vars(a).items()}}, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    write_results(a.out, {"results": results}, a)
     return 1 if any("error" in r for r in results) else 0
 
 

@@ -7,17 +7,20 @@ loop assigns it, else the bare module.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 
-class TrainingWrapperSlot:
+class TrainingWrapperSlot(abc.ABC):
     """Mixin: subclasses define ``unwrapped_denoiser``; the loop may assign ``denoiser``."""
 
     _wrapped_denoiser: torch.nn.Module | None = None
 
     @property
+    @abc.abstractmethod
     def unwrapped_denoiser(self) -> torch.nn.Module:
-        raise NotImplementedError(f"{type(self).__name__} must define unwrapped_denoiser")
+        """The bare trained module."""
 
     @property
     def denoiser(self) -> torch.nn.Module:
