@@ -153,3 +153,16 @@ def test_every_stage_runs_tiny(tiny_world_dir):
         assert pipe.vae.config.scaling_factor > 0
     for name in ("clip", "preference"):
         CLIPModel.from_pretrained(tmp_path / name, local_files_only=True)
+
+
+def test_world_transformer_starts_as_adaln_zero():
+    """The flow recipe's MMDiT starts with identity blocks and a zero output (adaLN-Zero), so
+    its first prediction is exactly zero whatever the input and conditioning."""
+    from diffalign.world.pretrain.t2i import build_transformer
+
+    model = build_transformer(16, 8, num_layers=2, num_attention_heads=2, attention_head_dim=4)
+    out = model(hidden_states=torch.randn(2, 4, 16, 16), encoder_hidden_states=torch.randn(2, 3, 32),
+                pooled_projections=torch.randn(2, 16), timestep=torch.tensor([10.0, 900.0])).sample
+    assert out.shape == (2, 4, 16, 16) and torch.count_nonzero(out) == 0
+    gates = [m.weight for n, m in model.named_modules() if n.endswith("norm1.linear")]
+    assert gates and all(torch.count_nonzero(w) == 0 for w in gates)
