@@ -31,7 +31,6 @@ from harness import (  # noqa: E402
 )
 
 
-
 def run_case(method: str, training: str, a) -> dict:
     """One measurement, in this (fresh) process."""
     import torch

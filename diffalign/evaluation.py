@@ -83,7 +83,8 @@ def evaluate_prompts(
     """
     all_prompts = [p for p in prompts for _ in range(images_per_prompt)]
     scores: dict[str, list[torch.Tensor]] = defaultdict(list)
-    met = _RequirementRates() if _is_world(prompts) else None
+    kinds = _world_kinds(prompts)  # None unless every prompt is a world prompt
+    met = _RequirementRates() if kinds is not None else None
     images_out = []
     for start in range(0, len(all_prompts), batch_size):
         chunk = all_prompts[start : start + batch_size]
@@ -105,7 +106,8 @@ def evaluate_prompts(
     for key, values in per_image.items():
         metrics[key] = values.mean().item()
         metrics[f"{key}_std"] = values.std().item() if values.numel() > 1 else 0.0
-    _add_world_kinds(metrics, per_image, all_prompts)
+    if kinds is not None:
+        _add_world_kinds(metrics, per_image, [k for k in kinds for _ in range(images_per_prompt)])
     if met is not None:
         metrics.update(met.rates())
     if return_images:
@@ -114,16 +116,14 @@ def evaluate_prompts(
     return metrics
 
 
-def _is_world(prompts: list[str]) -> bool:
-    """Whether every prompt is a shapes-world prompt (the grammar parses it)."""
+def _world_kinds(prompts: list[str]) -> list[str] | None:
+    """Each prompt's world kind, or None unless the world grammar parses every prompt."""
     from diffalign.world import kind_of
 
     try:
-        for p in prompts:
-            kind_of(p)
+        return [kind_of(p) for p in prompts]
     except ValueError:
-        return False
-    return True
+        return None
 
 
 class _RequirementRates:
@@ -147,13 +147,9 @@ class _RequirementRates:
         return {f"world_met/{kind}": self.met[kind] / self.total[kind] for kind in sorted(self.total)}
 
 
-def _add_world_kinds(metrics: dict, per_image: dict, prompts: list[str]) -> None:
-    """Per prompt-kind means for world prompts (single / counting / two_object / relation)."""
-    from diffalign.world import kind_of
-
-    if not _is_world(prompts):
-        return
-    kinds = [kind_of(p) for p in prompts]
+def _add_world_kinds(metrics: dict, per_image: dict, kinds: list[str]) -> None:
+    """Per prompt-kind means (single / counting / two_object / relation); ``kinds`` has one
+    entry per image."""
     for key, values in per_image.items():
         for kind in sorted(set(kinds)):
             mask = torch.tensor([k == kind for k in kinds])

@@ -121,12 +121,12 @@ def test_empty_prompt_file(tmp_path, capsys):
 def test_world_requirement_rates_count_each_requirement_type():
     """Evaluations on world prompts report how often each verifier requirement is met: all of
     them on the renderer's own scenes; with the captions shifted by one, presence fails."""
-    from diffalign.evaluation import _is_world, _RequirementRates
+    from diffalign.evaluation import _RequirementRates, _world_kinds
     from diffalign.world import render_batch
 
     prompts = ["a red circle", "two cyan squares", "a magenta triangle left of a yellow circle",
                "a blue square and a green triangle"]
-    assert _is_world(prompts) and not _is_world(["a photo of a cat"])
+    assert _world_kinds(prompts) is not None and _world_kinds(["a photo of a cat"]) is None
     images = render_batch(prompts, rng=0)
     own = _RequirementRates()
     own.add(images, prompts)
