@@ -3,6 +3,7 @@
     python bench/alignment.py [--recipes dpo_shapes.yaml grpo_shapes.yaml ...] [--seeds 0 1 2]
                               [--steps N] [--eval-every K] [--set KEY=VALUE ...]
                               [--out outputs/bench/alignment.json] [--plot outputs/bench/alignment.png]
+    python bench/alignment.py --merge part1.json part2.json [--out ...]   # runs split over processes
 
 Runs each recipe (default: every ``configs/*_shapes.yaml`` that trains a text-to-image model,
 i.e. all but ``step_aware_pm_shapes.yaml``) once per seed through the shared training loop,
@@ -254,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench" / "alignment_runs")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "alignment.json")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: --out with .png)")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                        help="train nothing: combine the runs of these earlier outputs into one table, JSON and plot")
     a = parser.parse_args(argv)
+    if a.merge:
+        return report(a, merged_runs(a.merge))
     from diffalign.config import resolve_config_path
 
     recipes = [resolve_config_path(r).resolve() for r in a.recipes] if a.recipes else default_recipes()
@@ -279,6 +284,20 @@ def run(a, recipes: list[Path]) -> int:
             last = runs[-1].get("points", [{}])[-1]
             print(json.dumps({k: v for k, v in runs[-1].items() if k not in ("points", "train_reward")}
                              | {"last_point": {k: v for k, v in last.items() if k != "eval"}}), flush=True)
+    return report(a, runs)
+
+
+def merged_runs(paths: list[Path]) -> list[dict]:
+    runs = []
+    for path in paths:
+        try:
+            runs += json.loads(path.read_text())["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--merge {path}: not an output of bench/alignment.py ({type(e).__name__}: {e})")
+    return runs
+
+
+def report(a, runs: list[dict]) -> int:
     summary = aggregate(runs)
     print_table(runs, summary)
     plot_path = a.plot or a.out.with_suffix(".png")

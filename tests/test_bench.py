@@ -117,6 +117,17 @@ logging: {every: 1, tensorboard: false}
     assert run["reward_key"] == "eval/shapes" and run["accuracy_key"] == "eval/verifier"
     assert run["train_reward"] and "nfe" in run["train_reward"][0]
 
+    # --merge: the two seeds written by separate processes give back the same summary
+    parts = []
+    for i, part in enumerate(data["runs"]):
+        parts.append(tmp_path / f"part{i}.json")
+        parts[-1].write_text(json.dumps({"runs": [part]}))
+    merged = tmp_path / "merged.json"
+    assert _load("alignment").main(["--merge", *map(str, parts), "--out", str(merged)]) == 0
+    assert json.loads(merged.read_text())["summary"] == data["summary"]
+    with pytest.raises(SystemExit, match="part9.json"):
+        _load("alignment").main(["--merge", str(tmp_path / "part9.json"), "--out", str(merged)])
+
 
 @pytest.mark.parametrize("name", ["overhead", "memory", "dpo_vs_diffusers", "alignment"])
 def test_help(name, capsys):
