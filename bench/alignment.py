@@ -154,7 +154,7 @@ def run_one(recipe: Path, seed: int, a) -> dict:
                   for r in rows if "reward" in r and "bench/nfe" in r]
     model = f"tiny:{cfg.model.family}" if cfg.model.tiny else cfg.model.path
     return {"recipe": recipe.name, "method": method, "model": model,
-            "seed": seed, "steps": result.step, "eval_every": eval_every, "reward_key": reward_key,
+            "seed": seed, "steps": result.step, "eval_every": cfg.logging.eval_every, "reward_key": reward_key,
             "accuracy_key": a.accuracy_key, **meter.setup, "eval_cpu_s": meter.eval_cpu, "eval_wall_s": meter.eval_wall,
             "eval_nfe": meter.probe.count("eval"), "points": points, "train_reward": train_rows,
             "threads": torch.get_num_threads()}

@@ -100,7 +100,8 @@ optimization: {lr: 1.0e-3, batch_size: 4, max_steps: 2}
 logging: {every: 1, tensorboard: false}
 """)
     out = tmp_path / "alignment.json"
-    argv = ["--recipes", str(recipe), "--seeds", "0", "1", "--steps", "2", "--eval-every", "1",
+    argv = ["--recipes", str(recipe), "--seeds", "0", "1", "--steps", "2", "--eval-every", "2",
+            "--set", "grpo_tiny:logging.eval_every=1",  # a recipe's own override wins over --eval-every
             "--workdir", str(tmp_path / "runs"), "--out", str(out)]
     assert _load("alignment").main(argv) == 0
     data = json.loads(out.read_text())
@@ -114,6 +115,7 @@ logging: {every: 1, tensorboard: false}
         for key in ("cpu_s", "reward", "accuracy"):
             assert point[key]["mean"] is not None and point[key]["std"] is not None
     run = data["runs"][0]
+    assert run["eval_every"] == 1
     assert run["reward_key"] == "eval/shapes" and run["accuracy_key"] == "eval/verifier"
     assert run["train_reward"] and "nfe" in run["train_reward"][0]
 
