@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import Tensor
 
 from .base import PromptSetting
 from .schedules import FlowAdapter
-from .sd import _tiny_clip_text_config
+from .tiny_parts import tiny_clip_text_config, tiny_flow_vae, tiny_t5_encoder
 from .tiny_tokenizers import clip_tokenizer, t5_tokenizer
 
 
@@ -90,7 +90,7 @@ class FluxAdapter(FlowAdapter):
 
     @classmethod
     def tiny(cls, seed: int = 0, guidance_embeds: bool = True) -> "FluxAdapter":
-        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+        from transformers import CLIPTextConfig, CLIPTextModel
 
         tokenizer = clip_tokenizer(model_max_length=16)
         torch.manual_seed(seed)
@@ -106,34 +106,10 @@ class FluxAdapter(FlowAdapter):
             axes_dims_rope=[4, 4, 8],
             guidance_embeds=guidance_embeds,
         )
-        text_encoder = CLIPTextModel(_tiny_clip_text_config(CLIPTextConfig, tokenizer))
+        text_encoder = CLIPTextModel(tiny_clip_text_config(CLIPTextConfig, tokenizer))
         t5_tok = t5_tokenizer(model_max_length=16)
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tok),
-                d_model=32,
-                d_ff=37,
-                d_kv=8,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                dropout_rate=0.0,
-                pad_token_id=t5_tok.pad_token_id,
-                eos_token_id=t5_tok.eos_token_id,
-            )
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-            latent_channels=4,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        )
+        text_encoder_2 = tiny_t5_encoder(t5_tok, d_model=32, d_kv=8)
+        vae = tiny_flow_vae()
         scheduler = FlowMatchEulerDiscreteScheduler(
             use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
         )

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch import Tensor
 
 from .schedules import EpsilonAdapter
+from .tiny_parts import tiny_clip_text_config, tiny_vae
 from .tiny_tokenizers import clip_tokenizer
 
 
@@ -47,15 +48,8 @@ class SDAdapter(EpsilonAdapter):
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=32,
         )
-        vae = AutoencoderKL(
-            block_out_channels=[32, 64],
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-            latent_channels=4,
-        )
-        text_encoder = CLIPTextModel(_tiny_clip_text_config(CLIPTextConfig, tokenizer))
+        vae = tiny_vae()
+        text_encoder = CLIPTextModel(tiny_clip_text_config(CLIPTextConfig, tokenizer))
         scheduler = DDIMScheduler(
             beta_start=0.00085,
             beta_end=0.012,
@@ -76,22 +70,3 @@ class SDAdapter(EpsilonAdapter):
             requires_safety_checker=False,
         )
         return cls(pipe)
-
-
-def _tiny_clip_text_config(config_cls, tokenizer, hidden_size: int = 32, **overrides):
-    """diffusers' fast-test CLIP text encoder size, with ids matching our offline tokenizer."""
-    kwargs = dict(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_size=hidden_size,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=5,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
-        hidden_act="gelu",
-    )
-    kwargs.update(overrides)
-    return config_cls(**kwargs)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import Tensor
 
 from .base import PromptSetting
 from .schedules import FlowAdapter
-from .sd import _tiny_clip_text_config
+from .tiny_parts import tiny_clip_text_config, tiny_flow_vae, tiny_t5_encoder
 from .tiny_tokenizers import clip_tokenizer, t5_tokenizer
 
 
@@ -59,7 +59,7 @@ class SD3Adapter(FlowAdapter):
 
     @classmethod
     def tiny(cls, seed: int = 0) -> "SD3Adapter":
-        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
         tokenizer = clip_tokenizer(model_max_length=16)
         torch.manual_seed(seed)
@@ -75,36 +75,12 @@ class SD3Adapter(FlowAdapter):
             pooled_projection_dim=64,
             out_channels=4,
         )
-        config = _tiny_clip_text_config(CLIPTextConfig, tokenizer, projection_dim=32)
+        config = tiny_clip_text_config(CLIPTextConfig, tokenizer, projection_dim=32)
         text_encoder = CLIPTextModelWithProjection(config)
         text_encoder_2 = CLIPTextModelWithProjection(config)
         t5_tok = t5_tokenizer(model_max_length=16)
-        text_encoder_3 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tok),
-                d_model=64,
-                d_ff=37,
-                d_kv=16,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                dropout_rate=0.0,
-                pad_token_id=t5_tok.pad_token_id,
-                eos_token_id=t5_tok.eos_token_id,
-            )
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-            latent_channels=4,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        )
+        text_encoder_3 = tiny_t5_encoder(t5_tok, d_model=64, d_kv=16)
+        vae = tiny_flow_vae()
         pipe = StableDiffusion3Pipeline(
             transformer=transformer,
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from torch import Tensor
 
 from .schedules import EpsilonAdapter
-from .sd import _tiny_clip_text_config
+from .tiny_parts import tiny_clip_text_config, tiny_vae
 from .tiny_tokenizers import clip_tokenizer
 
 
@@ -72,16 +72,8 @@ class SDXLAdapter(EpsilonAdapter):
             cross_attention_dim=64,  # two text encoders of width 32
             norm_num_groups=1,
         )
-        vae = AutoencoderKL(
-            block_out_channels=[32, 64],
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-            latent_channels=4,
-            sample_size=32,
-        )
-        config = _tiny_clip_text_config(CLIPTextConfig, tokenizer, projection_dim=32)
+        vae = tiny_vae(sample_size=32)
+        config = tiny_clip_text_config(CLIPTextConfig, tokenizer, projection_dim=32)
         text_encoder = CLIPTextModel(config)
         text_encoder_2 = CLIPTextModelWithProjection(config)
         scheduler = EulerDiscreteScheduler(
