@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from diffalign.config import parse_config
 from diffalign.objectives import advantage_weighted_matching_loss
@@ -11,6 +10,8 @@ from diffalign.rollout import rollout
 from diffalign.run_log import read_metrics
 from diffalign.train import train
 from diffalign.trainers.branch_grpo import _zscore_by_group, depth_wise_advantages, fused_node_values
+
+from helpers import assert_same_final_lora, final_lora
 
 
 def _config(tmp_path, family, run_name, method, **options):
@@ -77,7 +78,7 @@ def test_branch_grpo_trains_with_pruning_and_counts_nfe(tmp_path):
     assert rows[0]["trained_edges"] == 2 * (2 + 4 + 2)
     steps = {int(k.split("/")[1]) for r in rows for k in r if k.startswith("ratio_by_step/")}
     assert 1 not in steps
-    lora = load_file(result.output_dir / "final" / "pytorch_lora_weights.safetensors")
+    lora = final_lora(result.output_dir)
     assert all(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
 
 
@@ -118,7 +119,4 @@ def test_awm_trains_and_resumes(family, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows) and rows[0]["nfe_per_rollout"] == 6 * 4 * 2
     train(cfg("split", 2))
     resumed = train(cfg("split", 4), resume=True)
-    a = load_file(straight.output_dir / "final" / "pytorch_lora_weights.safetensors")
-    b = load_file(resumed.output_dir / "final" / "pytorch_lora_weights.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    assert_same_final_lora(straight.output_dir, resumed.output_dir)

@@ -7,7 +7,6 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from diffalign.config import parse_config
 from diffalign.data.preferences import PairBatch
@@ -20,6 +19,7 @@ from diffalign.trainers import trainer_class
 from diffalign.trainers.smpo import smoothed_label
 
 from conftest import FAMILIES
+from helpers import assert_same_final_lora
 
 METHODS = ["diffusion_dpo", "smpo", "inpo"]
 
@@ -196,11 +196,7 @@ def test_full_loop_resumes_exactly_and_logs_preference_metrics(tmp_path, pair_pa
     straight = train(cfg("straight", 4))
     train(cfg("split", 2, every=2))
     resumed = train(cfg("split", 4), resume=True)
-    a = load_file(straight.output_dir / "final" / "pytorch_lora_weights.safetensors")
-    b = load_file(resumed.output_dir / "final" / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys() and a
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    assert_same_final_lora(straight.output_dir, resumed.output_dir)
     rows = read_metrics(straight.output_dir / "metrics.jsonl")
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     for key in ("rewards/accuracies", "rewards/margins", "logits/abs_mean", "mse/drift", "grad_norm", "data/pairs_seen"):

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from diffalign.config import parse_config
 from diffalign.run_log import read_metrics
 from diffalign.train import train
 
 from conftest import FAMILIES
+from helpers import assert_same_final_lora, final_lora
 
 
 def _config(tmp_path, family, run_name, **method):
@@ -32,7 +32,7 @@ def test_first_update_is_on_policy_and_lora_changes(family, tmp_path):
     # one mini-batch per rollout, no accumulation: every ratio of the first update is exactly 1
     assert abs(first["ratio_min"] - 1) < 1e-5 and abs(first["ratio_max"] - 1) < 1e-5
     assert first["clip_frac"] == 0.0 and torch.isfinite(torch.tensor(first["loss"]))
-    lora = load_file(result.output_dir / "final" / "pytorch_lora_weights.safetensors")
+    lora = final_lora(result.output_dir)
     lora_b = [v for k, v in lora.items() if "lora_B" in k]
     # peft's "gaussian" init starts every lora_B at zero: after training none may be zero
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
@@ -67,10 +67,7 @@ def test_ddpo_with_per_prompt_tracker_resumes_exactly(tmp_path):
     straight = train(cfg("straight", 4))
     train(cfg("split", 2))
     resumed = train(cfg("split", 4), resume=True)
-    a = load_file(straight.output_dir / "final" / "pytorch_lora_weights.safetensors")
-    b = load_file(resumed.output_dir / "final" / "pytorch_lora_weights.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    assert_same_final_lora(straight.output_dir, resumed.output_dir)
 
 
 def test_grpo_config_errors(tmp_path):

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from diffalign.config import ConfigError, parse_config
 from diffalign.pipelines import build_tiny
@@ -17,6 +16,8 @@ from diffalign.rollout import SamplerConfig
 from diffalign.run_log import read_metrics
 from diffalign.train import train
 from diffalign.trainers.spo import next_state_choice, select_pairs, spo_rollout
+
+from helpers import assert_same_final_lora, final_lora
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,7 +139,7 @@ def test_spo_trains_on_policy_and_changes_the_lora(family, extra, tmp_path):
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # LoRA B = 0: policy == reference
     assert first["log_ratio_old_abs_max"] < 1e-5  # the rollout's own log-probs: on-policy
     assert first["pairs"] > 0 and first["nfe_per_rollout"] > 0
-    lora = load_file(result.output_dir / "final" / "pytorch_lora_weights.safetensors")
+    lora = final_lora(result.output_dir)
     lora_b = [v for k, v in lora.items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
 
@@ -154,10 +155,7 @@ def test_spo_resumes_exactly(tmp_path):
     straight = train(cfg("straight", 4))
     train(cfg("split", 2))
     resumed = train(cfg("split", 4), resume=True)
-    a = load_file(straight.output_dir / "final" / "pytorch_lora_weights.safetensors")
-    b = load_file(resumed.output_dir / "final" / "pytorch_lora_weights.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    assert_same_final_lora(straight.output_dir, resumed.output_dir)
 
 
 def test_spo_runs_flow_models_through_the_flow_sde(tmp_path):

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 import diffalign.checkpoint as checkpoint_module
 from diffalign.checkpoint import checkpoint_dirs, latest_checkpoint
@@ -17,6 +16,8 @@ from diffalign.run_log import read_metrics
 from diffalign.train import train
 from diffalign.trainers import register_trainer
 from diffalign.trainers.sft import SFTTrainer
+
+from helpers import assert_same_final_lora, final_lora
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,20 +28,13 @@ def _cfg(tmp_path, *overrides):
     return load_config("sft_tiny.yaml", base + list(overrides))
 
 
-def _final_lora(run_dir: Path) -> dict:
-    return load_file(run_dir / "final" / "pytorch_lora_weights.safetensors")
-
-
 def test_resume_continues_exactly(tmp_path):
     straight = train(_cfg(tmp_path, "run_name=straight", "optimization.max_steps=4"))
     first = train(_cfg(tmp_path, "run_name=split", "optimization.max_steps=2", "output.checkpoint_every=2"))
     assert latest_checkpoint(first.output_dir / "checkpoints").name == "step_000002"
     resumed = train(_cfg(tmp_path, "run_name=split", "optimization.max_steps=4"), resume=True)
     assert resumed.step == 4
-    a, b = _final_lora(straight.output_dir), _final_lora(resumed.output_dir)
-    assert a.keys() == b.keys() and len(a) > 0
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    assert_same_final_lora(straight.output_dir, resumed.output_dir)
     # and training really moved the weights away from the (gaussian-initialised) start
     rows = read_metrics(straight.output_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["grad_norm"] > 0 for r in rows)
