@@ -204,8 +204,12 @@ class DiffusionAdapter(TrainingWrapperSlot, abc.ABC):
         self.pipe.to(device=device, dtype=dtype)
         if self._frozen_denoiser is not None:
             self._frozen_denoiser.to(device=device, dtype=dtype)
-        self._negative_cache = None
+        self.clear_prompt_cache()
         return self
+
+    def clear_prompt_cache(self) -> None:
+        """Forget the cached empty-prompt embedding (after a text encoder's weights change)."""
+        self._negative_cache = None
 
     # ---- prompts ---------------------------------------------------------------------------
 

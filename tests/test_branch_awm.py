@@ -120,3 +120,37 @@ def test_awm_trains_and_resumes(family, tmp_path):
     train(cfg("split", 2))
     resumed = train(cfg("split", 4), resume=True)
     assert_same_final_lora(straight.output_dir, resumed.output_dir)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_awm_matching_loss_uses_the_prediction_the_sampler_uses(guided, tmp_path):
+    """``guided_loss`` regresses the guided prediction (what the rollout sampled with) on the
+    fresh-noise target; without it, the plain conditional prediction (the reference's setting)."""
+    from accelerate import Accelerator
+
+    from diffalign.randomness import MATCHING, keyed_generator
+    from diffalign.train import build_adapter, build_rewards
+    from diffalign.trainers.awm import AWMTrainer
+
+    cfg = _config(tmp_path, "sd", "guided", "awm", group_size=2, timesteps_per_sample=2, guided_loss=guided)
+    adapter = build_adapter(cfg)
+    adapter.add_lora(rank=4, alpha=None, target_modules=cfg.model.lora.target_modules, dropout=0.0)
+    trainer = AWMTrainer(cfg, adapter, Accelerator(cpu=True), build_rewards(cfg))
+    with torch.no_grad():
+        samples = trainer.collect()
+    batch = trainer.make_batches(samples)[0]
+    _, metrics = trainer.compute_loss(batch)
+
+    # the same times and noises, from the sample's own keyed generator
+    k, losses = 2, []
+    for i in range(batch["x0"].shape[0]):
+        g = keyed_generator(cfg.seed, MATCHING, trainer.rollouts, int(batch["pass"][i]), int(batch["key"][i]))
+        u = (torch.arange(k) + torch.rand(k, generator=g)) / k
+        t = adapter.timesteps_from_uniform(u)
+        noise = torch.randn((k, *batch["x0"].shape[1:]), generator=g)
+        x0 = batch["x0"][i : i + 1].expand(k, -1, -1, -1)
+        cond = trainer.cond.select(batch["prompt_index"][i : i + 1]).repeat_interleave(k)
+        with torch.no_grad():
+            pred = adapter.predict(adapter.add_noise(x0, noise, t), t, cond, 3.0 if guided else 1.0)
+        losses.append((pred - adapter.training_target(x0, noise, t)).pow(2).mean())
+    torch.testing.assert_close(metrics["matching_loss"], torch.stack(losses).mean(), atol=1e-5, rtol=1e-5)

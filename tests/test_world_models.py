@@ -59,8 +59,9 @@ def test_shipped_pipeline_matches_adapter(name):
     torch.testing.assert_close(got, expected.float(), atol=2e-3, rtol=0)
 
 
-def test_shipped_sd_is_epsilon_ddim_and_sd3_has_null_t5():
+def test_shipped_sd_is_epsilon_ddim_and_sd3_has_a_word_level_t5():
     from diffusers import DDIMScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPModel
 
     sd = load_world_adapter("world/sd")
     assert isinstance(sd.pipe.scheduler, DDIMScheduler) and sd.parameterization == "epsilon"
@@ -68,12 +69,18 @@ def test_shipped_sd_is_epsilon_ddim_and_sd3_has_null_t5():
     assert (cfg.beta_schedule, cfg.beta_start, cfg.beta_end) == ("scaled_linear", 0.00085, 0.012)
     assert (cfg.clip_sample, cfg.set_alpha_to_one, cfg.steps_offset) == (False, False, 1)
     pipe = StableDiffusion3Pipeline.from_pretrained(resolve_model_path("world/sd3"), local_files_only=True)
-    ids = pipe.tokenizer_3(PROMPTS, padding="longest", return_tensors="pt").input_ids
-    assert ids.shape[1] == 1  # the null tokenizer keeps only the end token
-    assert pipe.text_encoder_3(ids)[0].abs().max() == 0  # ... and the null T5 outputs zeros
-    # both CLIP slots hold the world CLIP text tower
-    a = pipe.text_encoder.state_dict()
-    assert all(torch.equal(a[k], v) for k, v in pipe.text_encoder_2.state_dict().items())
+    length = WORLD_SAMPLING["sd3"]["max_sequence_length"]
+    swapped = ["a red circle left of a cyan square", "a cyan square left of a red circle"]
+    ids = pipe.tokenizer_3(swapped, padding="max_length", max_length=length, return_tensors="pt").input_ids
+    assert (ids != pipe.tokenizer_3.pad_token_id).sum(1).tolist() == [9, 9]  # one token per word + "</s>"
+    with torch.no_grad():
+        states = pipe.text_encoder_3(ids)[0]
+    # the T5 sees word order: the same words in another order give other states
+    assert (states[0] - states[1]).abs().max() > 1e-2
+    # both CLIP slots hold the world CLIP's text tower, untouched
+    clip = CLIPModel.from_pretrained(WORLD_MODELS["clip"], local_files_only=True).text_model.state_dict()
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        assert all(torch.equal(clip[k], v) for k, v in encoder.text_model.state_dict().items())
 
 
 def test_load_adapter_plain_generates_64px():

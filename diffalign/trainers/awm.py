@@ -9,6 +9,10 @@ stratified times (one batched forward for all of them), form ``x_t`` by the forw
 
 The reference writes it as ``-A exp(l - l_old)`` with ``l = -L``; on-policy that has the same
 gradient. Rollouts need no likelihood, so any sampler works, the ODE included (the default).
+``guided_loss`` puts the rollout's classifier-free guidance into ``pred`` (the guided
+prediction is the one the sampler uses; the reference samples and trains at guidance 1, where
+the two agree). Without it, a model sampled with guidance w but trained unguided learns the
+guided samples in its conditional branch, and guidance then applies on top of that again.
 Advantages are clipped to +-``advantage_clip`` and divided by it (``normalize_by_clip``).
 Regularisers: ``kl_beta * mean_d (pred - pred_base)^2`` to the base model (LoRA disabled) and
 ``ema_kl_beta * mean_d (pred - pred_ema)^2`` to an exponential moving average of the adapter
@@ -44,6 +48,7 @@ class AWMConfig(OnlineConfig):
     kl_beta: float = 0.0
     ema_kl_beta: float = 0.0
     ema_decay: float = 0.9
+    guided_loss: bool = False  # the matching loss on the guided prediction (guidance_scale)
 
     def __post_init__(self):
         super().__post_init__()
@@ -115,15 +120,16 @@ class AWMTrainer(OnlineTrainer):
         cond = self.cond.select(batch["prompt_index"]).repeat_interleave(k)
         # before the policy forward: it swaps weights in place, which must not happen between
         # a forward and its backward
-        ema_pred = self._ema_predict(x_t, t, cond) if c.ema_kl_beta > 0 else None
-        pred = adapter.predict(x_t, t, cond, 1.0).float()
+        guidance = c.guidance_scale if c.guided_loss else 1.0
+        ema_pred = self._ema_predict(x_t, t, cond, guidance) if c.ema_kl_beta > 0 else None
+        pred = adapter.predict(x_t, t, cond, guidance).float()
         target = adapter.training_target(x0, noise, t).float()
         per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3)).view(-1, k).mean(dim=1)
         loss = advantage_weighted_matching_loss(per_sample, batch["advantage"])
         metrics = {"matching_loss": per_sample.detach().mean(), "awm_loss": loss.detach()}
         if c.kl_beta > 0:
             with torch.no_grad(), adapter.reference():
-                base = adapter.predict(x_t, t, cond, 1.0).float()
+                base = adapter.predict(x_t, t, cond, guidance).float()
             kl = (pred - base).pow(2).mean()
             loss = loss + c.kl_beta * kl
             metrics["kl"] = kl.detach()
@@ -144,13 +150,13 @@ class AWMTrainer(OnlineTrainer):
             ema.lerp_(p.detach(), 1 - self.config.ema_decay)
 
     @torch.no_grad()
-    def _ema_predict(self, x_t, t, cond):
+    def _ema_predict(self, x_t, t, cond, guidance: float):
         params = self.adapter.trainable_parameters()
         current = [p.detach().clone() for p in params]
         try:
             for p, ema in zip(params, self.ema_params):
                 p.copy_(ema)
-            return self.adapter.predict(x_t, t, cond, 1.0).float()
+            return self.adapter.predict(x_t, t, cond, guidance).float()
         finally:
             for p, value in zip(params, current):
                 p.copy_(value)

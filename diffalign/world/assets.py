@@ -11,14 +11,15 @@ The folders are plain diffusers / transformers folders (``DiffusionPipeline.from
 written by ``python -m diffalign.world.pretrain`` (see ``models/REPORT.md`` for the recipe and
 every measured number).
 
-- ``sd``: StableDiffusionPipeline, epsilon-prediction UNet on 16x16x4 latents, DDIM.
+- ``sd``: StableDiffusionPipeline, epsilon-prediction UNet on 16x16x4 latents, DDIM; its text
+  encoder is the world CLIP's text tower, fine-tuned with the UNet.
 - ``sd3``: StableDiffusion3Pipeline, flow-matching MMDiT; both CLIP slots hold the world CLIP
-  text tower and the T5 slot a "null T5" that outputs zeros. It was trained with ONE zero T5
-  token: call the pipeline with ``max_sequence_length=1`` (its default, 256, appends 256 zero
-  tokens the model never saw and degrades the samples; see REPORT.md). ``load_world_adapter``
-  sets this on the adapter for you.
-- ``clip``: the world CLIP (contrastive with hard negatives); its text tower is the frozen text
-  encoder of both pipelines, and it is the world's CLIP reward.
+  text tower (frozen) and the T5 slot a small T5 trained with the transformer, with a
+  word-level tokenizer. Call the pipeline with ``max_sequence_length=12``, the T5 length it
+  was trained with (its default, 256, pads with tokens the model never saw).
+  ``load_world_adapter`` sets this on the adapter for you.
+- ``clip``: the world CLIP (contrastive with hard negatives); its text tower is the text
+  encoder both pipelines start from, and it is the world's CLIP reward.
 - ``preference``: a PickScore-style CLIP fine-tuned on simulated annotator choices (the
   learned proxy reward).
 """
@@ -40,7 +41,7 @@ WORLD_MODELS: dict[str, str] = {
 # Recommended sampling per text-to-image model (the settings REPORT.md's held-out numbers use).
 WORLD_SAMPLING: dict[str, dict] = {
     "sd": {"num_steps": 20, "guidance_scale": 4.5, "resolution": 64},
-    "sd3": {"num_steps": 20, "guidance_scale": 4.5, "resolution": 64, "max_sequence_length": 1},
+    "sd3": {"num_steps": 20, "guidance_scale": 4.5, "resolution": 64, "max_sequence_length": 12},
 }
 
 # The file whose presence marks a complete folder, and the recipe stage that writes it.
@@ -71,7 +72,7 @@ def resolve_model_path(path_or_name: str | os.PathLike) -> str | os.PathLike:
 
 def load_world_adapter(name: str = "world/sd", **kwargs):
     """A ``diffalign.pipelines`` adapter for ``world/sd`` or ``world/sd3`` (or a folder), with
-    the settings the model was trained with (SD3: one zero T5 token)."""
+    the settings the model was trained with (SD3: its T5 length)."""
     from diffalign.pipelines import load_adapter
 
     adapter = load_adapter(resolve_model_path(name), **kwargs)

@@ -117,3 +117,30 @@ def check_tokenizer(directory: str | os.PathLike, reference=None) -> dict:
     return {"vocab_size": len(slow), "model_max_length": slow.model_max_length,
             "longest_prompt_tokens": longest,
             "merges": len(Path(directory, "merges.txt").read_text().splitlines()) - 1}
+
+
+# --------------------------------------------------------------------------------------------
+# The world's T5 tokenizer (world/sd3's third text encoder)
+# --------------------------------------------------------------------------------------------
+
+# The longest grammar prompt is 8 words + "</s>"; a little room for paraphrase.
+T5_MAX_LENGTH = 12
+
+
+def build_t5_tokenizer(model_max_length: int = T5_MAX_LENGTH):
+    """A T5 (Unigram) tokenizer with one piece per grammar word, and single characters as a
+    fallback so that any text still tokenizes. Ids 0 / 1 / 2 are pad / eos / unk, as in T5."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    words = sorted({w for p in all_prompts() for w in p.split()})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in words]
+    known = {p for p, _ in pieces}
+    chars = string.ascii_letters + string.digits + string.punctuation
+    # a word piece always beats spelling the word out (scores add up over pieces)
+    fallback = [("\u2581", -2.0)] + [(c, -3.0) for c in chars] + [("\u2581" + c, -3.5) for c in chars]
+    pieces += [(p, s) for p, s in fallback if p not in known]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tokenizer.model_max_length = model_max_length
+    return tokenizer
