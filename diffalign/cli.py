@@ -5,7 +5,7 @@
     diffalign evaluate --model M [--adapter DIR] --prompt-set S --rewards R [--rlg-scales ...]
     diffalign grid     --model M --columns base DIR ... | --adapter DIR --rlg-scales ...
     diffalign plot     RUN_DIR --keys reward eval/shapes_strict
-    diffalign demo     [--cfg grpo_shapes.yaml]   (the main job on the shapes world: train, grid, curve)
+    diffalign demo     [--cfg awm_shapes.yaml]    (the main job on the shapes world: train, grid, curve)
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ import torch
 from diffalign.cli import main
 
 QUICK = ["method.num_steps=2", "method.group_size=2", "method.prompts_per_rollout=1", "method.eval_max_prompts=2",
-         "method.eval_num_steps=2", "method.eval_images_per_prompt=1", "optimization.batch_size=4",
+         "method.eval_num_steps=2", "method.timesteps_per_sample=2", "method.eval_images_per_prompt=1", "optimization.batch_size=4",
          "optimization.gradient_accumulation_steps=1", "optimization.max_steps=2", "logging.eval_every=0",
          "logging.progress_bar=false",
          # the tiny world's random models rarely meet a requirement; world CLIP scores always spread
@@ -23,7 +23,7 @@ def test_demo_trains_reports_accuracy_and_writes_grid_and_curve(tiny_world, tmp_
     assert main(["demo", *overrides]) == 0
     out = capsys.readouterr().out
     assert "held-out verifier accuracy" in out and "% -> " in out and "requirements met" in out
-    run = tmp_path / "grpo_shapes"
+    run = tmp_path / "awm_shapes"
     assert (run / "demo_grid" / "grid.png").is_file() and (run / "demo_grid" / "index.html").is_file()
     assert (run / "reward_curve.png").is_file()
     # every prompt kind is in the grid, two prompts each
