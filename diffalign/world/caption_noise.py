@@ -54,8 +54,10 @@ def mislabelled(spec: Spec, noise_type: str, rng: random.Random) -> Spec | None:
 def noisy_scene(prompt, rates: dict[str, float], rng: random.Random) -> tuple[Spec, str | None]:
     """The scene to render for caption ``prompt``: ``(spec, noise type or None if clean)``.
 
-    ``rates`` maps noise types to probabilities (missing types: 0). One ``rng.random()`` draw
-    per applicable type, so a seeded ``rng`` gives the same scenes on every machine.
+    ``rates`` maps noise types to probabilities (missing types: 0). For each type with a rate
+    that applies, the changed scene is drawn first (``count`` takes one draw to pick -1 or +1)
+    and then the rate, so a seeded ``rng`` gives the same scenes on every machine; the shipped
+    models were pretrained with exactly this order of draws.
     """
     unknown = set(rates) - set(NOISE_TYPES)
     if unknown:

@@ -37,8 +37,10 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -53,6 +55,9 @@ from .common import (
 )
 from .tokenizer import build_t5_tokenizer
 from .vae import lr_lambda
+
+if TYPE_CHECKING:
+    from diffalign.pipelines import Cond
 
 # T5 tokens per prompt: the longest grammar prompt and its "</s>" fit; few tokens keep attention cheap
 SD3_MAX_SEQUENCE_LENGTH = WORLD_SAMPLING["sd3"]["max_sequence_length"]
@@ -262,7 +267,7 @@ class LatentPool:
     mean: torch.Tensor        # [N, 4, 16, 16] scaled posterior means
     std: torch.Tensor         # [N, 4, 16, 16] scaled posterior stds
     prompt_id: torch.Tensor   # [N] index into the embedding table
-    table: dict[str, torch.Tensor]  # prompt embeddings, one row per pretraining prompt, last row ""
+    table: Cond               # frozen prompt embeddings, one row per pretraining prompt, last row ""
     prompts: list[str]        # the table's rows ("" last)
     noise_counts: dict[str, int]  # images per caption-noise type (and "clean")
 
@@ -274,28 +279,27 @@ class LatentPool:
 @torch.no_grad()
 def build_pool(adapter, n: int, seed: int, caption_noise: dict[str, float] | None = None,
                batch: int = 256) -> LatentPool:
+    from diffalign.pipelines import Cond
+
     prompts = split("pretrain")
     ids = {p: i for i, p in enumerate(prompts)}
     chosen = PromptSampler(prompts).sample(n, np.random.default_rng(seed))
     noise_rng = random.Random(seed * 7919 + 1)  # its own stream: the layouts stay as without noise
-    scenes, counts = [], {"clean": 0}
-    for prompt in chosen:
-        scene, kind = noisy_scene(prompt, caption_noise or {}, noise_rng)
-        scenes.append(scene)
-        counts[kind or "clean"] = counts.get(kind or "clean", 0) + 1
+    scenes, kinds = zip(*(noisy_scene(prompt, caption_noise or {}, noise_rng) for prompt in chosen))
+    counts = {"clean": 0, **Counter(kind or "clean" for kind in kinds)}
     render_rng = random.Random(seed)
     vae = adapter.vae
     scale = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     means, stds = [], []
     for i in range(0, n, batch):
-        images = render_batch(scenes[i:i + batch], rng=render_rng)
+        images = render_batch(list(scenes[i:i + batch]), rng=render_rng)
         dist = vae.encode(images * 2 - 1).latent_dist
         means.append((dist.mean - shift) * scale)
         stds.append(dist.std * scale)
     embeds = adapter.encode_prompt(prompts + [""]).embeds
     return LatentPool(torch.cat(means), torch.cat(stds), torch.tensor([ids[p] for p in chosen]),
-                      {k: v.detach().clone() for k, v in embeds.items()}, prompts + [""], counts)
+                      Cond({k: v.detach().clone() for k, v in embeds.items()}), prompts + [""], counts)
 
 
 @dataclass
@@ -319,12 +323,13 @@ class TrainedText:
         ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
         return cls(module, ids, tail)
 
-    def embeds(self, table: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {k: v[rows] for k, v in table.items()}
+    def condition(self, frozen: Cond, rows: torch.Tensor) -> Cond:
+        """``frozen`` (the pool's rows ``rows``) with the trained encoder's output in its slot."""
+        embeds = dict(frozen.embeds)
         trained = self.module(self.ids[rows])[0]
-        frozen = out["prompt_embeds"]
-        out["prompt_embeds"] = trained if self.tail is None else torch.cat([frozen[:, :-self.tail], trained], dim=1)
-        return out
+        prompt_embeds = embeds["prompt_embeds"]
+        embeds["prompt_embeds"] = trained if self.tail is None else torch.cat([prompt_embeds[:, :-self.tail], trained], dim=1)
+        return replace(frozen, embeds=embeds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,7 +348,6 @@ def loss_weights(adapter, t: torch.Tensor, gamma: float | None) -> torch.Tensor:
 
 
 def train_t2i(out: str | Path, seed: int = 0, cfg: T2IConfig | None = None) -> dict:
-    from diffalign.pipelines import Cond
     from diffusers.training_utils import EMAModel
 
     cfg = cfg or EpsConfig()
@@ -364,7 +368,8 @@ def train_t2i(out: str | Path, seed: int = 0, cfg: T2IConfig | None = None) -> d
         text = TrainedText.of(adapter, pool.prompts)
         with torch.no_grad():  # the slot really is what the pipeline computes
             rows = torch.tensor([0, pool.empty_id])
-            torch.testing.assert_close(text.embeds(pool.table, rows)["prompt_embeds"], pool.table["prompt_embeds"][rows])
+            torch.testing.assert_close(text.condition(pool.table.select(rows), rows).embeds["prompt_embeds"],
+                                       pool.table.embeds["prompt_embeds"][rows])
         text.module.requires_grad_(True).train()
         trained.append(text.module)
     params = [p for module in trained for p in module.parameters()]
@@ -379,7 +384,9 @@ def train_t2i(out: str | Path, seed: int = 0, cfg: T2IConfig | None = None) -> d
         x0 = pool.mean[idx] + pool.std[idx] * torch.randn(pool.mean[idx].shape, generator=g)
         pid = pool.prompt_id[idx].clone()
         pid[torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout] = pool.empty_id
-        cond = Cond(text.embeds(pool.table, pid) if text else {k: v[pid] for k, v in pool.table.items()})
+        cond = pool.table.select(pid)
+        if text:
+            cond = text.condition(cond, pid)
         noise = torch.randn(x0.shape, generator=g)
         t = adapter.sample_train_timesteps(cfg.batch_size, generator=g)
         pred = adapter.predict(adapter.add_noise(x0, noise, t), t, cond, 1.0)
