@@ -36,8 +36,8 @@ def grid_prompts(per_kind: int = GRID_PROMPTS_PER_KIND) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--cfg", default=DEFAULT_RECIPE, help="a world recipe (configs/*_shapes.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optimization.max_steps=30 (repeatable)")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set optimization.max_steps=30 seed=1 (repeatable)")
     return parser
 
 

@@ -75,6 +75,16 @@ def test_overrides_and_shipped_names(tmp_path):
         load_config(bad)
 
 
+def test_set_takes_several_assignments_and_repeats():
+    import argparse
+
+    from diffalign.train import add_arguments
+
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--cfg", "x.yaml", "--set", "optimization.lr=1e-3", "seed=1", "--set", "run_name=r"])
+    assert args.overrides == ["optimization.lr=1e-3", "seed=1", "run_name=r"]
+
+
 def test_reward_specs_allow_two_instances_of_one_plugin():
     cfg = parse_config(_with(rewards={"small": {"name": "clip", "weight": 0.5, "path": "/a"}, "jpeg_compressibility": 2}))
     assert cfg.rewards["small"].name == "clip" and cfg.rewards["small"].kwargs == {"path": "/a"}
