@@ -9,9 +9,7 @@ Runs each recipe (default: every ``configs/*_shapes.yaml`` that trains a text-to
 i.e. all but ``step_aware_pm_shapes.yaml``) once per seed through the shared training loop,
 with ``--steps`` optimizer steps (default: the recipe's own ``max_steps``) and a held-out
 evaluation every ``--eval-every`` steps (plus the loop's own at the start and the end). The runs
-start in the repository root (the recipes' data paths are relative to it). ``spo_shapes.yaml``
-needs the step-aware model that ``step_aware_pm_shapes.yaml`` trains
-(``outputs/step_aware_pm_shapes/final``).
+start in the repository root (the recipes' data paths are relative to it).
 
 What the runs' ``metrics.jsonl`` does not hold, this script measures around the loop (no
 library change): cumulative network evaluations (NFE: rows through the denoiser and, for a
