@@ -2,7 +2,7 @@
 
     python bench/alignment.py [--recipes dpo_shapes.yaml grpo_shapes.yaml ...] [--seeds 0 1 2]
                               [--steps N] [--eval-every K] [--set KEY=VALUE ...]
-                              [--out outputs/bench/alignment.json] [--plot outputs/bench/alignment.png]
+                              [--out outputs/bench/alignment.json] [--plot outputs/bench/alignment.png] [--log-x]
     python bench/alignment.py --merge part1.json part2.json [--out ...]   # runs split over processes
 
 Runs each recipe (default: every ``configs/*_shapes.yaml`` that trains a text-to-image model,
@@ -184,7 +184,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return out
 
 
-def plot(summary: list[dict], path: Path) -> None:
+def plot(summary: list[dict], path: Path, log_x: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,7 +207,10 @@ def plot(summary: list[dict], path: Path) -> None:
                             color=line.get_color(), alpha=0.2, linewidth=0)
     keys = {y: " / ".join(dict.fromkeys(str(s[f"{y}_key"]) for s in summary)) or y for y in ("reward", "accuracy")}
     for ax, (y, x) in zip(axes.flat, panels):
-        ax.set_xlabel(xlabels[x])
+        if log_x:  # methods whose budgets differ by orders of magnitude; symlog keeps the x = 0 start
+            positive = [p[x]["mean"] for s in summary for p in s["curve"][1:] if (p[x]["mean"] or 0) > 0]
+            ax.set_xscale("symlog", linthresh=min(positive, default=1.0))
+        ax.set_xlabel(xlabels[x] + (" (log)" if log_x else ""))
         ax.set_ylabel(f"held-out {y} ({keys[y]})")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the recipe's)")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: steps // 5)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="[RECIPE:]KEY=VALUE",
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="[RECIPE:]KEY=VALUE",
                         help="config override for every run, or for one recipe with its file stem as prefix "
                              "(dpo_shapes:optimization.lr=1e-5); repeatable")
     parser.add_argument("--reward-keys", nargs="+", default=["eval/shapes", "eval/train_shapes"])
@@ -253,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench" / "alignment_runs")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "alignment.json")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: --out with .png)")
+    parser.add_argument("--log-x", action="store_true", help="logarithmic cost axes (budgets of different sizes)")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
                         help="train nothing: combine the runs of these earlier outputs into one table, JSON and plot")
     a = parser.parse_args(argv)
@@ -299,7 +303,7 @@ def report(a, runs: list[dict]) -> int:
     summary = aggregate(runs)
     print_table(runs, summary)
     plot_path = a.plot or a.out.with_suffix(".png")
-    plot(summary, plot_path)
+    plot(summary, plot_path, log_x=a.log_x)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"summary": summary, "runs": runs, "plot": str(plot_path),
                                  "args": {k: str(v) for k, v in vars(a).items()}}, indent=2) + "\n")

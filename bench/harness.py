@@ -107,7 +107,8 @@ def bench_config(method: str, model: str, out_dir: Path, *, training: str = "lor
             "data": {"source": "synthetic", "path": str(pairs_dir or out_dir / "pairs"),
                      "synthetic": {"prompts": "world:align", "max_prompts": 16, "images_per_prompt": 2,
                                    "num_steps": 2, "guidance_scale": 1.0, "seed": seed}},
-            "rewards": reward, "batch": 8},
+            # a continuous score ranks them: the verifier ties every pair of 2-step images
+            "rewards": {"jpeg_incompressibility": 1.0}, "batch": 8},
         "grpo": {"method": {"name": "grpo", **online, "prompts_per_rollout": 2, "group_size": 4},
                  "rewards": reward, "batch": 8},
         "awm": {"method": {"name": "awm", **online, "prompts_per_rollout": 2, "group_size": 4,

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="+", default=["grpo", "dpo"], choices=["grpo", "dpo", "simpo"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "llm_embedded_gains")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds comparable across loads)")
     parser.add_argument("--step-aware-pm", default=None,
                         help="spo's preference model (default: outputs/step_aware_pm_shapes/final, else world/clip)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="[METHOD:]KEY=VALUE",
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="[METHOD:]KEY=VALUE",
                         help="config override for every method, or one method with a METHOD: prefix (repeatable)")
     parser.add_argument("--workdir", type=Path, default=None, help="run folders (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "overhead.json")
