@@ -13,7 +13,7 @@ from diffalign.run_log import read_metrics
 from diffalign.train import train
 
 QUICK = {
-    "grpo": ["method.num_steps=2", "method.group_size=2", "method.prompts_per_rollout=1",
+    "grpo": ["method.num_steps=3", "method.group_size=2", "method.prompts_per_rollout=1",
              "method.eval_max_prompts=1", "optimization.batch_size=4", "optimization.gradient_accumulation_steps=1"],
     "sft": ["optimization.batch_size=2"],
     "branch_grpo": ["method.num_steps=4", "method.split_steps=[0,2]", "method.prompts_per_rollout=1",
