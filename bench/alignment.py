@@ -194,7 +194,8 @@ def plot(summary: list[dict], path: Path, log_x: bool = False) -> None:
     panels = [("reward", "nfe"), ("reward", "cpu_s"), ("accuracy", "nfe"), ("accuracy", "cpu_s")]
     xlabels = {"nfe": "cumulative network evaluations (NFE)", "cpu_s": "cumulative CPU seconds"}
     for s in summary:
-        label = f"{s['recipe'].removesuffix('.yaml')} ({len(s['seeds'])} seeds)"
+        n = len(s["seeds"])
+        label = f"{s['recipe'].removesuffix('.yaml')} ({n} seed{'s' * (n != 1)})"
         for ax, (y, x) in zip(axes.flat, panels):
             pts = [p for p in s["curve"] if p[y]["mean"] is not None]
             if not pts:
