@@ -46,6 +46,8 @@ from harness import REPO, NetworkProbe, fmt, patched_trainer, process_settings  
 
 import torch  # noqa: E402
 
+from diffalign.config import add_overrides_argument  # noqa: E402
+
 
 def default_recipes() -> list[Path]:
     from diffalign.config import load_config
@@ -248,9 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the recipe's)")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: steps // 5)")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="[RECIPE:]KEY=VALUE",
-                        help="config override for every run, or for one recipe with its file stem as prefix "
-                             "(dpo_shapes:optimization.lr=1e-5); repeatable")
+    add_overrides_argument(parser, "[RECIPE:]KEY=VALUE", "config overrides for every run, or for one recipe with "
+                           "its file stem as prefix (dpo_shapes:optimization.lr=1e-5)")
     parser.add_argument("--reward-keys", nargs="+", default=["eval/shapes", "eval/train_shapes"])
     parser.add_argument("--accuracy-key", default="eval/verifier")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds comparable across loads)")

@@ -23,6 +23,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from diffalign.config import add_overrides_argument  # noqa: E402
+
 
 def run_one(method: str, seed: int, out_dir: Path, overrides: list[str]) -> dict:
     from diffalign.config import load_config
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="+", default=["grpo", "dpo"], choices=["grpo", "dpo", "simpo"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    add_overrides_argument(parser)
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "llm_embedded_gains")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

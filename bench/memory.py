@@ -30,6 +30,8 @@ from harness import (  # noqa: E402
     REPO, add_model_and_methods, apply_overrides, bench_config, fmt, peak_rss_mb, resolve_methods, write_results,
 )
 
+from diffalign.config import add_overrides_argument  # noqa: E402
+
 
 def run_case(method: str, training: str, a) -> dict:
     """One measurement, in this (fresh) process."""
@@ -109,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--step-aware-pm", default=None,
                         help="spo's preference model (default: outputs/step_aware_pm_shapes/final, else world/clip)")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="[METHOD:]KEY=VALUE",
-                        help="config override for every method, or one method with a METHOD: prefix (repeatable)")
+    add_overrides_argument(parser, "[METHOD:]KEY=VALUE", "config overrides for every method, or one method with a "
+                           "METHOD: prefix")
     parser.add_argument("--workdir", type=Path, default=None, help="run folders (default: temporary folders)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "memory.json")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # method:training, run in a subprocess

@@ -55,6 +55,8 @@ from harness import (  # noqa: E402
 
 import torch  # noqa: E402
 
+from diffalign.config import add_overrides_argument  # noqa: E402
+
 BARE_INCLUDES = {
     "sft": "text enc + VAE enc (no grad); 1 denoiser fwd on B; MSE; backward; clip; AdamW",
     "diffusion_dpo": "text enc + VAE enc on 2B (no grad); policy fwd 2B; reference fwd 2B (no grad); "
@@ -283,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds comparable across loads)")
     parser.add_argument("--step-aware-pm", default=None,
                         help="spo's preference model (default: outputs/step_aware_pm_shapes/final, else world/clip)")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="[METHOD:]KEY=VALUE",
-                        help="config override for every method, or one method with a METHOD: prefix (repeatable)")
+    add_overrides_argument(parser, "[METHOD:]KEY=VALUE", "config overrides for every method, or one method with a "
+                           "METHOD: prefix")
     parser.add_argument("--workdir", type=Path, default=None, help="run folders (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "overhead.json")
     a = parser.parse_args(argv)

@@ -481,3 +481,11 @@ def load_config(name: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
         return parse_config(raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def add_overrides_argument(parser, metavar: str = "KEY=VALUE",
+                           help: str = "override config keys, e.g. --set optimization.lr=1e-5 seed=1") -> None:
+    """``--set`` for every command that loads a recipe: several assignments at once, repeatable,
+    collected in ``args.overrides`` (the list :func:`load_config` takes)."""
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar=metavar,
+                        help=f"{help} (repeatable)")

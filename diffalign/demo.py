@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffalign.config import add_overrides_argument
+
 # held-out prompts for the grid: every prompt kind, half with colour-shape pairs pretraining never showed
 GRID_PROMPTS_PER_KIND = 2
 # the strongest method measured on the world (docs/RESULTS.md): the demo follows the best recipe
@@ -36,8 +38,7 @@ def grid_prompts(per_kind: int = GRID_PROMPTS_PER_KIND) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--cfg", default=DEFAULT_RECIPE, help="a world recipe (configs/*_shapes.yaml)")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. --set optimization.max_steps=30 seed=1 (repeatable)")
+    add_overrides_argument(parser, help="override config keys, e.g. --set optimization.max_steps=30 seed=1")
     return parser
 
 

@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from diffalign.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint, save_checkpoint, saved_config
-from diffalign.config import ConfigError, RunConfig, config_to_dict, load_config
+from diffalign.config import ConfigError, RunConfig, add_overrides_argument, config_to_dict, load_config
 from diffalign.run_log import RunLog
 
 @dataclass
@@ -364,8 +364,7 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--cfg", required=True, help="YAML recipe: a path, or a name in configs/ (e.g. spo_sdxl.yaml)")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. --set optimization.lr=1e-5 seed=1 (repeatable)")
+    add_overrides_argument(parser)
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                         help="continue from the newest complete checkpoint of this run (or the given folder)")
     return parser

@@ -323,8 +323,9 @@ class TrainedText:
         ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
         return cls(module, ids, tail)
 
-    def condition(self, frozen: Cond, rows: torch.Tensor) -> Cond:
-        """``frozen`` (the pool's rows ``rows``) with the trained encoder's output in its slot."""
+    def condition(self, table: Cond, rows: torch.Tensor) -> Cond:
+        """The pool table's ``rows`` with the trained encoder's output in its slot."""
+        frozen = table.select(rows)
         embeds = dict(frozen.embeds)
         trained = self.module(self.ids[rows])[0]
         prompt_embeds = embeds["prompt_embeds"]
@@ -368,7 +369,7 @@ def train_t2i(out: str | Path, seed: int = 0, cfg: T2IConfig | None = None) -> d
         text = TrainedText.of(adapter, pool.prompts)
         with torch.no_grad():  # the slot really is what the pipeline computes
             rows = torch.tensor([0, pool.empty_id])
-            torch.testing.assert_close(text.condition(pool.table.select(rows), rows).embeds["prompt_embeds"],
+            torch.testing.assert_close(text.condition(pool.table, rows).embeds["prompt_embeds"],
                                        pool.table.embeds["prompt_embeds"][rows])
         text.module.requires_grad_(True).train()
         trained.append(text.module)
@@ -384,9 +385,7 @@ def train_t2i(out: str | Path, seed: int = 0, cfg: T2IConfig | None = None) -> d
         x0 = pool.mean[idx] + pool.std[idx] * torch.randn(pool.mean[idx].shape, generator=g)
         pid = pool.prompt_id[idx].clone()
         pid[torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout] = pool.empty_id
-        cond = pool.table.select(pid)
-        if text:
-            cond = text.condition(cond, pid)
+        cond = text.condition(pool.table, pid) if text else pool.table.select(pid)
         noise = torch.randn(x0.shape, generator=g)
         t = adapter.sample_train_timesteps(cfg.batch_size, generator=g)
         pred = adapter.predict(adapter.add_noise(x0, noise, t), t, cond, 1.0)
