@@ -91,6 +91,18 @@ def test_branch_grpo_mix_trains_only_stochastic_edges_on_an_epsilon_model(tmp_pa
     assert 1 in steps and len(steps) <= 2
 
 
+def test_branch_grpo_mix_window_can_be_held_to_the_first_steps(tmp_path):
+    # a 2-step window that must start at step 0: the SDE runs at steps 0 and 1 in every rollout
+    # (unheld, four rollouts of 6 steps would almost surely put it elsewhere at least once)
+    cfg = _config(tmp_path, "sd3", "mix_early", "branch_grpo", split_steps=[0], branching=2, mix_window=2,
+                  sde_window_max_start=0, num_steps=6)
+    cfg.optimization.max_steps = 4
+    result = train(cfg)
+    rows = read_metrics(result.output_dir / "metrics.jsonl")
+    steps = {int(k.split("/")[1]) for r in rows for k in r if k.startswith("ratio_by_step/")}
+    assert steps == {0, 1}
+
+
 def test_awm_gradient_is_advantage_times_matching_gradient():
     param = torch.randn(5, requires_grad=True)
 

@@ -14,7 +14,8 @@ share their early denoising steps (fewer network evaluations than as many chains
   ``|advantage|`` in each tree (``top_fraction``) or the global best and worst quarters
   (``best_worst``);
 - **Mix**: ``mix_window > 0`` runs the SDE only in a window of that many steps plus the split
-  steps, and the ODE elsewhere; only stochastic edges are trained.
+  steps, and the ODE elsewhere; only stochastic edges are trained. The window starts uniformly
+  in ``[0, sde_window_max_start]`` (default: anywhere it fits), as GRPO's "Fast" window does.
 
 The loss is GRPO's single-transition clipped surrogate on shuffled edges (every GRPO option,
 including GRPO-Guard's, applies). Unlike the reference, split steps record the std actually
@@ -82,7 +83,9 @@ class BranchGRPOTrainer(GRPOTrainer):
         c = self.config
         if c.mix_window == 0:
             return ["sde"] * c.num_steps
-        start = int(torch.randint(0, c.num_steps - c.mix_window + 1, (), generator=self.shared_generator(_WINDOW)))
+        latest = c.num_steps - c.mix_window
+        max_start = latest if c.sde_window_max_start is None else min(c.sde_window_max_start, latest)
+        start = int(torch.randint(0, max_start + 1, (), generator=self.shared_generator(_WINDOW)))
         return ["sde" if start <= i < start + c.mix_window else "ode" for i in range(c.num_steps)]
 
     def collect(self):
