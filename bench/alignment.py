@@ -213,6 +213,8 @@ def plot(summary: list[dict], path: Path, log_x: bool = False) -> None:
         if log_x:  # methods whose budgets differ by orders of magnitude; symlog keeps the x = 0 start
             positive = [p[x]["mean"] for s in summary for p in s["curve"][1:] if (p[x]["mean"] or 0) > 0]
             ax.set_xscale("symlog", linthresh=min(positive, default=1.0))
+        else:  # 100000 and 120000 would run into each other
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 4))
         ax.set_xlabel(xlabels[x] + (" (log)" if log_x else ""))
         ax.set_ylabel(f"held-out {y} ({keys[y]})")
         ax.grid(alpha=0.3)
