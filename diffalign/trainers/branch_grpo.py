@@ -34,7 +34,6 @@ from diffalign.rollout import rollout
 
 from . import register_trainer
 from .grpo import GRPOConfig, GRPOTrainer
-from .online import _WINDOW
 
 
 @dataclass
@@ -83,10 +82,7 @@ class BranchGRPOTrainer(GRPOTrainer):
         c = self.config
         if c.mix_window == 0:
             return ["sde"] * c.num_steps
-        latest = c.num_steps - c.mix_window
-        max_start = latest if c.sde_window_max_start is None else min(c.sde_window_max_start, latest)
-        start = int(torch.randint(0, max_start + 1, (), generator=self.shared_generator(_WINDOW)))
-        return ["sde" if start <= i < start + c.mix_window else "ode" for i in range(c.num_steps)]
+        return self.window_step_kinds(c.mix_window)
 
     def collect(self):
         c = self.config

@@ -77,10 +77,16 @@ class GRPOTrainer(OnlineTrainer):
         c = self.config
         if c.sde_window_size == 0:
             return ["sde"] * c.num_steps
-        latest = c.num_steps - c.sde_window_size
+        return self.window_step_kinds(c.sde_window_size)
+
+    def window_step_kinds(self, size: int) -> list[str]:
+        """SDE in a window of ``size`` steps starting uniformly in ``[0, sde_window_max_start]``
+        (default: as late as fits), ODE elsewhere; the same window on every process."""
+        c = self.config
+        latest = c.num_steps - size
         max_start = latest if c.sde_window_max_start is None else min(c.sde_window_max_start, latest)
         start = int(torch.randint(0, max_start + 1, (), generator=self.shared_generator(_WINDOW)))
-        return ["sde" if start <= i < start + c.sde_window_size else "ode" for i in range(c.num_steps)]
+        return ["sde" if start <= i < start + size else "ode" for i in range(c.num_steps)]
 
     def collect(self) -> dict[str, torch.Tensor]:
         c = self.config
