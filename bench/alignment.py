@@ -221,7 +221,7 @@ def plot(summary: list[dict], path: Path, log_x: bool = False) -> None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle("held-out reward / verifier accuracy vs cost (mean +- 1 std over seeds; evaluation cost excluded)",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title above the y labels
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
