@@ -79,10 +79,7 @@ class BranchGRPOTrainer(GRPOTrainer):
         self.sampler.split_noise_scale = self.config.split_noise_scale
 
     def _step_kinds(self) -> list[str]:
-        c = self.config
-        if c.mix_window == 0:
-            return ["sde"] * c.num_steps
-        return self.window_step_kinds(c.mix_window)
+        return self.window_step_kinds(self.config.mix_window)
 
     def collect(self):
         c = self.config

@@ -74,15 +74,15 @@ class GRPOTrainer(OnlineTrainer):
     # ---- data step: a rollout of chains ---------------------------------------------------------
 
     def _step_kinds(self) -> list[str]:
-        c = self.config
-        if c.sde_window_size == 0:
-            return ["sde"] * c.num_steps
-        return self.window_step_kinds(c.sde_window_size)
+        return self.window_step_kinds(self.config.sde_window_size)
 
     def window_step_kinds(self, size: int) -> list[str]:
         """SDE in a window of ``size`` steps starting uniformly in ``[0, sde_window_max_start]``
-        (default: as late as fits), ODE elsewhere; the same window on every process."""
+        (default: as late as fits), ODE elsewhere; the same window on every process. ``size`` 0:
+        the SDE at every step."""
         c = self.config
+        if size == 0:
+            return ["sde"] * c.num_steps
         latest = c.num_steps - size
         max_start = latest if c.sde_window_max_start is None else min(c.sde_window_max_start, latest)
         start = int(torch.randint(0, max_start + 1, (), generator=self.shared_generator(_WINDOW)))
