@@ -7,6 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 
 from diffalign.pipelines import build_tiny, family_of, load_adapter
+from diffalign.pipelines.base import model_dtype
 from diffalign.rollout import generate, rollout
 from diffalign.trainers.sft import matching_loss
 
@@ -181,3 +182,92 @@ def test_changing_t5_length_drops_the_cached_negative_prompt(family):
             assert second.embeds[key].shape[1] == first.embeds[key].shape[1] + 3
             if second.negative is not None:  # flux has no negative branch (distilled guidance)
                 assert second.negative[key].shape == second.embeds[key].shape
+
+
+def test_model_dtype_follows_casts_and_layerwise_casting():
+    """The cached compute dtype is diffusers' ``.dtype``, also after the model changes dtype."""
+    adapter = build_tiny("sd", seed=0)
+    unet = adapter.unwrapped_denoiser
+    assert adapter.dtype == model_dtype(unet) == unet.dtype == torch.float32
+    adapter.pipe.to(torch.bfloat16)  # behind the adapter's back
+    assert adapter.dtype == model_dtype(adapter.vae) == torch.bfloat16
+    adapter.to(dtype=torch.float32)
+    assert adapter.dtype == unet.dtype == torch.float32
+    unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    assert adapter.dtype == unet.dtype == torch.bfloat16  # the compute dtype, not the storage dtype
+
+
+@pytest.mark.parametrize("with_long_prompt", [False, True])
+def test_sd_prompt_encoding_equals_the_pipelines(with_long_prompt):
+    """SD encodes prompts as diffusers' training scripts do (a batch that may hold a truncated
+    prompt through the pipeline, for its warning): exactly the pipeline's tensors."""
+    adapter = build_tiny("sd", seed=0)
+    prompts = ["a red circle", "two blue squares above a star", ""]
+    if with_long_prompt:
+        prompts.append("a red circle left of a blue square above a green triangle next to a yellow star " * 2)
+    ours = adapter.encode_prompt(prompts).embeds["prompt_embeds"]
+    with torch.no_grad():
+        theirs, _ = adapter.pipe.encode_prompt(prompts, adapter.device, 1, False)
+    assert ours.shape == theirs.shape and torch.equal(ours, theirs)
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # the second adapter, on purpose
+def test_reference_disables_every_lora_layer_like_diffusers():
+    """``reference()`` toggles the LoRA layers as diffusers' disable/enable_adapters do, and still
+    finds layers an adapter loaded later adds (its cached layer list follows the adapters)."""
+    from peft import LoraConfig
+
+    adapter = build_tiny("sd", seed=0)
+    adapter.add_lora(rank=4)
+    _perturb_lora(adapter)
+    unet = adapter.unwrapped_denoiser
+    x = adapter.initial_noise(2, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500, 500])
+    cond = adapter.encode_prompt(PROMPTS[:2])
+    with torch.no_grad():
+        with adapter.reference():
+            base = adapter.predict(x, t, cond)
+        unet.disable_adapters()
+        base_diffusers = adapter.predict(x, t, cond)
+        unet.enable_adapters()
+        tuned = adapter.predict(x, t, cond)
+    assert torch.equal(base, base_diffusers) and not torch.allclose(base, tuned)
+    assert all(p.requires_grad for p in adapter.trainable_parameters())  # trainable again after the reference
+
+    # a second adapter on other layers (resnet convs), made the active one
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["conv1"], init_lora_weights=False), "second")
+    unet.set_adapter("second")
+    with torch.no_grad():
+        second = adapter.predict(x, t, cond)
+        with adapter.reference():
+            base_again = adapter.predict(x, t, cond)
+    assert not torch.allclose(second, base) and torch.equal(base_again, base)
+
+
+def test_train_mode_reaches_every_module_also_when_the_walk_is_skipped():
+    """``adapter.train`` skips repeated walks, but never leaves a module in the wrong mode: not
+    after new LoRA layers appear (created in training mode), not after the module is switched
+    directly."""
+    from peft import LoraConfig
+
+    adapter = build_tiny("sd", seed=0)
+    unet = adapter.unwrapped_denoiser
+
+    def modes():
+        return {m.training for m in unet.modules()}
+
+    adapter.add_lora(rank=4, dropout=0.1)
+    adapter.train(False)
+    assert modes() == {False}
+    adapter.train(True)
+    adapter.train(True)
+    assert modes() == {True}
+    unet.eval()  # behind the adapter's back
+    adapter.train(True)
+    assert modes() == {True}
+    adapter.train(False)
+    with pytest.warns(UserWarning, match="peft_config"):
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["conv1"], lora_dropout=0.1), "second")
+    assert modes() == {True, False}  # peft made the new layers in training mode
+    adapter.train(False)
+    assert modes() == {False}
