@@ -105,6 +105,17 @@ def make_reward(name: str, options: dict, tiny: bool, key: str):
         raise ConfigError(f"{key}: {e}") from None
 
 
+def adamw(params: list[torch.nn.Parameter], **options) -> torch.optim.AdamW:
+    """``torch.optim.AdamW``, multi-tensor (foreach) also on the CPU.
+
+    torch picks the foreach implementation by default only for CUDA tensors; on the CPU it is
+    bit-identical to the per-tensor loop and faster for a LoRA's many small tensors (about 1 ms
+    of a 0.3 s step on the world's models, ``bench/dpo_vs_diffusers.py``).
+    """
+    on_cpu = all(p.device.type == "cpu" for p in params)
+    return torch.optim.AdamW(params, foreach=True if on_cpu else None, **options)
+
+
 def reduce_metrics(accelerator, metrics: dict[str, Any]) -> dict[str, float]:
     """Mean of every numeric metric over processes (one all-reduce for the whole dict)."""
     keys = [k for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))]
@@ -212,7 +223,7 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
     trainer = trainer_cls(cfg, adapter, accelerator, rewards)
 
     params = adapter.trainable_parameters()
-    optimizer = torch.optim.AdamW(
+    optimizer = adamw(
         params, lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2), weight_decay=opt.weight_decay, eps=opt.adam_eps
     )
     # accelerate steps a prepared scheduler once per process per optimizer step

@@ -13,7 +13,7 @@ import diffalign.checkpoint as checkpoint_module
 from diffalign.checkpoint import checkpoint_dirs, latest_checkpoint
 from diffalign.config import load_config
 from diffalign.run_log import read_metrics
-from diffalign.train import train
+from diffalign.train import adamw, train
 from diffalign.trainers import register_trainer
 from diffalign.trainers.sft import SFTTrainer
 
@@ -110,3 +110,23 @@ def test_accelerate_launch_runs_train_script(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "launched" / "final" / "pytorch_lora_weights.safetensors").is_file()
     assert len(read_metrics(tmp_path / "launched" / "metrics.jsonl")) == 2
+
+
+def test_loop_adamw_is_bit_identical_to_torch_default():
+    """``adamw`` takes the multi-tensor path on the CPU (faster); the updates are the same bits."""
+    torch.manual_seed(0)
+    shapes = [(8, 16), (16,), (4, 4, 3, 3)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt_ours = adamw(ours, lr=1e-2, weight_decay=1e-2)
+    opt_plain = torch.optim.AdamW(plain, lr=1e-2, weight_decay=1e-2)
+    assert opt_ours.defaults["foreach"] is True and opt_plain.defaults["foreach"] is None
+    for step in range(5):
+        grads = [torch.randn(s) for s in shapes]
+        for params, opt in ((ours, opt_ours), (plain, opt_plain)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(ours, plain):
+        assert torch.equal(a, b)
+        assert not torch.equal(a, torch.zeros_like(a))
