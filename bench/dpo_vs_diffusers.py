@@ -15,12 +15,12 @@ METHODS.md section 3), backward, ``clip_grad_norm_``, AdamW, a constant lr sched
 script's per-step logging (``.item()`` of loss, raw losses, implicit accuracy).
 
 Speed: our step runs through the shared loop (``diffalign.train.train``, method diffusion_dpo);
-before each of our timed steps the diffusers-style step runs on the same batch of pairs with its
+next to each of our timed steps the diffusers-style step runs on the same batch of pairs with its
 own copy of the UNet+LoRA (identical initial weights) and its own optimizer, interleaved so
-both see the same machine load. Both are timed from the batch of pairs in memory to the
-optimizer step done (ours: ``compute_loss``, backward, clipping, AdamW, the loop's
-bookkeeping; the diffusers-style step includes its tokenization); our data step (reading pairs
-from the table) is reported separately. Reported: median s/step and it/s of both, and their
+both see the same machine load (before ours on even steps, after it on odd ones). Both are
+timed from the batch of pairs in memory to the optimizer step done (ours: ``compute_loss``,
+backward, clipping, AdamW, the loop's bookkeeping; the diffusers-style step includes its
+tokenization); our data step (reading pairs from the table) is reported separately. Reported: median s/step and it/s of both, and their
 ratio (target: ours not slower, ratio <= 1).
 
 Agreement: after the timed steps, both losses are computed on the same inputs - our trained
@@ -70,6 +70,7 @@ class DiffusersStyleDPO:
         self.max_grad_norm = max_grad_norm
         self.generator = torch.Generator().manual_seed(seed)
         self.logs: dict = {}
+        unet.train()  # the example does it once per epoch (an epoch of Pick-a-Pic is many steps)
 
     def draw_inputs(self, images_w, images_l, generator: torch.Generator):
         """The example's latents, shared noise and timesteps for a batch of pairs."""
@@ -119,7 +120,6 @@ class DiffusersStyleDPO:
 
     def __call__(self, batch) -> None:
         """One optimizer step on a batch of pairs (as the example's loop body)."""
-        self.unet.train()
         latents, noise, timesteps = self.draw_inputs(batch.images_w, batch.images_l, self.generator)
         loss, extra = self.loss(latents, noise, timesteps, batch.captions)
         loss.backward()
@@ -242,6 +242,7 @@ def run(a) -> int:
         "ours_data_s_per_step": summary["data_s"],
         "ours_cpu_s_per_step": summary["update_cpu_s"], "diffusers_cpu_s_per_step": summary["side_cpu_s"],
         "nfe_per_step_ours": summary["nfe_update_per_step"], "nfe_per_step_diffusers": summary["nfe_side_per_step"],
+        "steps_side_first": summary["steps_side_first"],
         "diffusers_last_logs": holder["step"].logs,
         **check,
     }

@@ -237,8 +237,9 @@ class Recorder:
     clipping, optimizer, the loop's bookkeeping), times the data step (a rollout when the buffer
     is empty), runs the optional *side* step (``side(trainer)`` builds a callable taking the
     batch: a bare or a competing implementation, timed on the same batch, interleaved so both
-    see the same machine load), then opens the next interval. Gradient accumulation must be 1
-    (one micro-step = one optimizer step). The run ends (:class:`StopRun`) after ``warmup +
+    see the same machine load; it runs before our step on even steps and after it on odd ones, so
+    neither always follows the data step), then opens the next interval. Gradient accumulation
+    must be 1 (one micro-step = one optimizer step). The run ends (:class:`StopRun`) after ``warmup +
     steps`` steps and, for online methods, once ``iterations`` rollouts after the first are
     used up.
     """
@@ -251,6 +252,7 @@ class Recorder:
         self.records: list[dict] = []
         self.rollouts: list[dict] = []
         self.pending: dict | None = None
+        self.pending_batch = None
         self.trainer = None
         self.side = None
 
@@ -283,8 +285,10 @@ class Recorder:
             rec["update_s"] = now_wall - rec.pop("_wall")
             rec["update_cpu_s"] = now_cpu - rec.pop("_cpu")
             rec["update_nfe"] = probe.count("update") - rec.pop("_nfe")
+            if rec.pop("_side_after"):
+                self.time_side(rec, self.pending_batch, first=False)
             self.records.append(rec)
-            self.pending = None
+            self.pending = self.pending_batch = None
         timed = len(self.records) - self.warmup
         if timed >= self.steps:
             if not self.online:
@@ -305,19 +309,29 @@ class Recorder:
             if rec["rolled_out"]:
                 self.rollouts.append({"id": trainer.rollouts, "wall_s": wall, "cpu_s": cpu, "nfe": rec["data_nfe"],
                                       "micro_batches": len(trainer._buffer) + 1})
+        rec["_side_after"] = False
         if self.make_side is not None and rec["index"] >= self.warmup:
             if self.side is None:
                 self.side = self.make_side(trainer)
-            n0 = probe.count("side")
-            clock = Clock().start()
-            with probe.in_phase("side"):
-                self.side(batch)
-            rec["side_s"], rec["side_cpu_s"] = clock.lap()
-            rec["side_nfe"] = probe.count("side") - n0
+            # alternate which of the two runs first on a batch: neither always follows the data step
+            if rec["index"] % 2 == 0:
+                self.time_side(rec, batch, first=True)
+            else:
+                rec["_side_after"] = True
         probe.phase = "update"
         rec["_wall"], rec["_cpu"], rec["_nfe"] = time.perf_counter(), time.process_time(), probe.count("update")
-        self.pending = rec
+        self.pending, self.pending_batch = rec, batch
         return batch
+
+    def time_side(self, rec: dict, batch, first: bool) -> None:
+        probe = self.probe
+        n0 = probe.count("side")
+        clock = Clock().start()
+        with probe.in_phase("side"):
+            self.side(batch)
+        rec["side_s"], rec["side_cpu_s"] = clock.lap()
+        rec["side_nfe"] = probe.count("side") - n0
+        rec["side_first"] = first
 
     # ---- summary ---------------------------------------------------------------------------
 
@@ -336,6 +350,7 @@ class Recorder:
             "nfe_update_per_step": median(r["update_nfe"] for r in timed),
             "nfe_side_per_step": median(r["side_nfe"] for r in timed if "side_nfe" in r),
             "nfe_mismatched_steps": sum(1 for r in timed if "side_nfe" in r and r["side_nfe"] != r["update_nfe"]),
+            "steps_side_first": sum(1 for r in timed if r.get("side_first")),
         }
         if not self.online:
             step = median(r["update_s"] + r["data_s"] for r in timed)

@@ -56,6 +56,8 @@ from harness import (  # noqa: E402
 import torch  # noqa: E402
 
 from diffalign.config import add_overrides_argument  # noqa: E402
+from diffalign.pipelines.base import model_dtype  # noqa: E402
+from diffalign.train import adamw  # noqa: E402
 
 BARE_INCLUDES = {
     "sft": "text enc + VAE enc (no grad); 1 denoiser fwd on B; MSE; backward; clip; AdamW",
@@ -80,7 +82,7 @@ BARE_INCLUDES = {
 def vae_encode(adapter, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     vae = adapter.vae
     with torch.no_grad():
-        latents = vae.encode((images.to(vae.device, vae.dtype) * 2 - 1)).latent_dist.sample(generator)
+        latents = vae.encode((images.to(adapter.device, model_dtype(vae)) * 2 - 1)).latent_dist.sample(generator)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((latents - shift) * vae.config.scaling_factor).float()
 
@@ -102,7 +104,7 @@ class BareStep:
         self.trainer = trainer
         self.adapter = trainer.adapter
         self.params = self.adapter.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(self.params, lr=0.0, weight_decay=0.0)
+        self.optimizer = adamw(self.params, lr=0.0, weight_decay=0.0)  # the loop's AdamW
         self.max_grad_norm = trainer.run_config.optimization.max_grad_norm
         self.generator = torch.Generator().manual_seed(1234)
 
@@ -115,7 +117,7 @@ class BareStep:
         a = self.adapter
         if a._frozen_denoiser is not None:
             return a._frozen_denoiser, _nullcontext()
-        return self.module, _lora_disabled(self.module)
+        return self.module, _lora_disabled(self.adapter)
 
     def __call__(self, batch) -> None:
         loss = getattr(self, self.method)(batch)
@@ -216,14 +218,14 @@ class _nullcontext:
 
 
 class _lora_disabled:
-    def __init__(self, module) -> None:
-        self.module = module
+    def __init__(self, adapter) -> None:
+        self.adapter = adapter
 
     def __enter__(self):
-        self.module.disable_adapters()
+        self.adapter.set_lora_enabled(False)
 
     def __exit__(self, *exc):
-        self.module.enable_adapters()
+        self.adapter.set_lora_enabled(True)
         return False
 
 

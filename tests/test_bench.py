@@ -74,6 +74,7 @@ def test_dpo_vs_diffusers_losses_agree(tmp_path):
                 "loss_abs_diff", "grad_max_abs_diff"):
         assert r[key] is not None, key
     assert r["nfe_per_step_ours"] == r["nfe_per_step_diffusers"] == 8
+    assert r["steps_side_first"] == 1  # of 2 timed steps: the two implementations take turns going first
     # same weights, same inputs: the same loss and gradients (the trained LoRA is non-zero)
     assert r["loss_abs_diff"] <= 1e-5
     assert r["grad_max_abs_diff"] <= 1e-5 * max(1.0, r["grad_max_abs"])
