@@ -1,13 +1,15 @@
 """Throughput and peak memory of our text DPO / GRPO steps against trl's, same model and data.
 
-    python bench/llm_vs_trl.py [--steps 20] [--model llm/arith] [--out outputs/bench/llm_vs_trl.json]
+    python bench/llm_vs_trl.py [--steps 20] [--repeats 3] [--model llm/arith]
+                               [--out outputs/bench/llm_vs_trl.json]
 
 Each (framework, method) runs in its own subprocess (so peak RSS is its own): full fine-tuning of
 the same model, the same rows, batch sizes and generation settings, one torch thread, each
-framework's own training loop (``diffalign.train.train`` / ``trl``'s ``Trainer.train``). Steps
-are timed after ``--warmup`` steps; tokens/s counts the non-padding tokens a step processes
-(DPO: prompt + chosen and prompt + rejected; GRPO: prompts + generated completions). Prints a
-table and writes JSON. Needs trl (``pip install --no-deps trl`` works with this project's
+framework's own training loop (``diffalign.train.train`` / ``trl``'s ``Trainer.train``), each
+case ``--repeats`` times with the two frameworks back to back, taking turns going first. Steps
+are timed after ``--warmup`` steps (the median step); tokens/s counts the non-padding tokens a
+step processes (DPO: prompt + chosen and prompt + rejected; GRPO: prompts + generated
+completions). Prints a table and writes JSON. Needs trl (``pip install --no-deps trl`` works with this project's
 pins); never run by the tests.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,9 +123,11 @@ def run_case(framework: str, method: str, a) -> dict:
         mean_length = sum(COMPLETION_LENGTHS) / len(COMPLETION_LENGTHS)
         tokens["n"] = a.prompts * a.generations * (mean_length + _mean_prompt_tokens(adapter))
     timed = step_times[a.warmup:]
-    seconds_per_step = (timed[-1] - timed[0]) / (len(timed) - 1)
-    return {"framework": framework, "method": method, "steps_timed": len(timed) - 1,
-            "seconds_per_step": seconds_per_step, "tokens_per_step": tokens["n"],
+    durations = [end - start for start, end in zip(timed, timed[1:])]
+    seconds_per_step = statistics.median(durations)  # robust to the odd stalled step on a shared machine
+    return {"framework": framework, "method": method, "steps_timed": len(durations),
+            "seconds_per_step": seconds_per_step, "mean_seconds_per_step": sum(durations) / len(durations),
+            "tokens_per_step": tokens["n"],
             "tokens_per_second": tokens["n"] / seconds_per_step,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -143,30 +148,64 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dpo-batch", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=16, help="GRPO prompts per step")
     parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each case, the frameworks taking turns first")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "llm_vs_trl.json")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # framework:method, run in a subprocess
     a = parser.parse_args(argv)
     if a.case:
         print("RESULT " + json.dumps(run_case(*a.case.split(":"), a)))
         return
-    results = []
-    for framework, method in CASES:
-        cmd = [sys.executable, __file__, "--case", f"{framework}:{method}", "--model", a.model, "--steps", str(a.steps),
-               "--warmup", str(a.warmup), "--rows", str(a.rows), "--dpo-batch", str(a.dpo_batch),
-               "--prompts", str(a.prompts), "--generations", str(a.generations)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            raise RuntimeError(f"{framework}:{method} failed:\n{proc.stderr[-3000:]}")
-        results.append(json.loads(line[-1][len("RESULT "):]))
-        print(json.dumps(results[-1]), flush=True)
-    print(f"\n{'method':<6} {'framework':<9} {'s/step':>8} {'tokens/s':>10} {'peak RSS MB':>12}")
+    runs = []
+    for repeat in range(a.repeats):
+        for method in dict.fromkeys(m for _, m in CASES):
+            # the two frameworks run back to back and take turns going first: the machine's
+            # drift over a run (10-20% here) falls on both, and the per-repeat ratio pairs them
+            order = ["ours", "trl"] if repeat % 2 == 0 else ["trl", "ours"]
+            for framework in order:
+                runs.append({"repeat": repeat, **run_subprocess(framework, method, a)})
+                print(json.dumps(runs[-1]), flush=True)
+    results = summarize(runs)
+    print(f"\n{'method':<6} {'framework':<9} {'s/step':>8} {'tokens/s':>10} {'peak RSS MB':>12}  (medians of "
+          f"{a.repeats} runs)")
     for r in results:
         print(f"{r['method']:<6} {r['framework']:<9} {r['seconds_per_step']:8.3f} {r['tokens_per_second']:10.0f} "
               f"{r['peak_rss_mb']:12.0f}")
+    for r in results:
+        if r["framework"] == "trl":
+            print(f"{r['method']}: trl / ours time per step, median over repeats {r['trl_over_ours']:.2f} "
+                  f"(each repeat: {', '.join(f'{x:.2f}' for x in r['trl_over_ours_by_repeat'])}; > 1: ours faster)")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"results": results, "args": {k: str(v) for k, v in vars(a).items()}}, indent=2) + "\n")
+    a.out.write_text(json.dumps({"results": results, "runs": runs, "args": {k: str(v) for k, v in vars(a).items()}},
+                                indent=2) + "\n")
     print(f"wrote {a.out}")
+
+
+def run_subprocess(framework: str, method: str, a) -> dict:
+    cmd = [sys.executable, __file__, "--case", f"{framework}:{method}", "--model", a.model, "--steps", str(a.steps),
+           "--warmup", str(a.warmup), "--rows", str(a.rows), "--dpo-batch", str(a.dpo_batch),
+           "--prompts", str(a.prompts), "--generations", str(a.generations)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not line:
+        raise RuntimeError(f"{framework}:{method} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[-1][len("RESULT "):])
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Per (framework, method): the medians over repeats; for trl also its time per step over
+    ours in the same repeat."""
+    out = []
+    for framework, method in CASES:
+        mine = [r for r in runs if r["framework"] == framework and r["method"] == method]
+        row = {"framework": framework, "method": method, "repeats": len(mine),
+               **{k: statistics.median(r[k] for r in mine)
+                  for k in ("seconds_per_step", "tokens_per_step", "tokens_per_second", "peak_rss_mb")}}
+        if framework == "trl":
+            ours = {r["repeat"]: r for r in runs if r["framework"] == "ours" and r["method"] == method}
+            ratios = [r["seconds_per_step"] / ours[r["repeat"]]["seconds_per_step"] for r in mine]
+            row.update(trl_over_ours_by_repeat=ratios, trl_over_ours=statistics.median(ratios))
+        out.append(row)
+    return out
 
 
 if __name__ == "__main__":

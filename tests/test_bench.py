@@ -132,7 +132,23 @@ logging: {every: 1, tensorboard: false}
         _load("alignment").main(["--merge", str(tmp_path / "part9.json"), "--out", str(merged)])
 
 
-@pytest.mark.parametrize("name", ["overhead", "memory", "dpo_vs_diffusers", "alignment"])
+def test_llm_vs_trl_pairs_each_repeat(tmp_path):
+    pytest.importorskip("trl")
+    out = tmp_path / "llm.json"
+    argv = ["--steps", "2", "--warmup", "1", "--repeats", "2", "--rows", "16", "--dpo-batch", "4", "--prompts", "2",
+            "--generations", "2", "--out", str(out)]
+    _load("llm_vs_trl").main(argv)
+    data = json.loads(out.read_text())
+    assert len(data["runs"]) == 8  # 2 repeats x 2 methods x 2 frameworks
+    firsts = [data["runs"][i]["framework"] for i in (0, 4)]
+    assert firsts == ["ours", "trl"]  # the frameworks take turns going first
+    for r in data["results"]:
+        assert r["repeats"] == 2 and r["seconds_per_step"] > 0 and r["tokens_per_second"] > 0
+        if r["framework"] == "trl":
+            assert len(r["trl_over_ours_by_repeat"]) == 2 and r["trl_over_ours"] > 0
+
+
+@pytest.mark.parametrize("name", ["overhead", "memory", "dpo_vs_diffusers", "alignment", "llm_vs_trl"])
 def test_help(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _load(name).main(["--help"])
