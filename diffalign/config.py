@@ -264,6 +264,9 @@ class OptimizationConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
+    # adamw: torch's AdamW (multi-tensor); adamw_fused: its fused kernel (CUDA and CPU), faster
+    # again but not bit-identical to adamw (last-bit rounding differences)
+    optimizer: Literal["adamw", "adamw_fused"] = "adamw"
     max_steps: int = 100
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
