@@ -20,8 +20,8 @@ own copy of the UNet+LoRA (identical initial weights) and its own optimizer, int
 both see the same machine load (before ours on even steps, after it on odd ones). Both are
 timed from the batch of pairs in memory to the optimizer step done (ours: ``compute_loss``,
 backward, clipping, AdamW, the loop's bookkeeping; the diffusers-style step includes its
-tokenization); our data step (reading pairs from the table) is reported separately. Reported: median s/step and it/s of both, and their
-ratio (target: ours not slower, ratio <= 1).
+tokenization); our data step (reading pairs from the table) is reported separately. Reported:
+median s/step and it/s of both, and their ratio (target: ours not slower, ratio <= 1).
 
 Agreement: after the timed steps, both losses are computed on the same inputs - our trained
 LoRA, one fresh batch, and our step's own latents, shared noise and timesteps (recorded from

@@ -9,8 +9,8 @@ framework's own training loop (``diffalign.train.train`` / ``trl``'s ``Trainer.t
 case ``--repeats`` times with the two frameworks back to back, taking turns going first. Steps
 are timed after ``--warmup`` steps (the median step); tokens/s counts the non-padding tokens a
 step processes (DPO: prompt + chosen and prompt + rejected; GRPO: prompts + generated
-completions). Prints a table and writes JSON. Needs trl (``pip install --no-deps trl`` works with this project's
-pins); never run by the tests.
+completions). Prints a table and writes JSON. Needs trl (``pip install --no-deps trl`` works with
+this project's pins). A benchmark: the tests only run it once on a minimal budget (no timing).
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     for repeat in range(a.repeats):
         for method in dict.fromkeys(m for _, m in CASES):
             # the two frameworks run back to back and take turns going first: the machine's
-            # drift over a run (10-20% here) falls on both, and the per-repeat ratio pairs them
+            # drift over a run (10-40% here) falls on both, and the per-repeat ratio pairs them
             order = ["ours", "trl"] if repeat % 2 == 0 else ["trl", "ours"]
             for framework in order:
                 runs.append({"repeat": repeat, **run_subprocess(framework, method, a)})
