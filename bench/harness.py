@@ -285,7 +285,7 @@ class Recorder:
             rec["update_s"] = now_wall - rec.pop("_wall")
             rec["update_cpu_s"] = now_cpu - rec.pop("_cpu")
             rec["update_nfe"] = probe.count("update") - rec.pop("_nfe")
-            if rec.pop("_side_after"):
+            if self.side_due(rec["index"]) and not self.side_goes_first(rec["index"]):
                 self.time_side(rec, self.pending_batch, first=False)
             self.records.append(rec)
             self.pending = self.pending_batch = None
@@ -309,19 +309,24 @@ class Recorder:
             if rec["rolled_out"]:
                 self.rollouts.append({"id": trainer.rollouts, "wall_s": wall, "cpu_s": cpu, "nfe": rec["data_nfe"],
                                       "micro_batches": len(trainer._buffer) + 1})
-        rec["_side_after"] = False
-        if self.make_side is not None and rec["index"] >= self.warmup:
+        if self.side_due(rec["index"]):
             if self.side is None:
                 self.side = self.make_side(trainer)
-            # alternate which of the two runs first on a batch: neither always follows the data step
-            if rec["index"] % 2 == 0:
+            if self.side_goes_first(rec["index"]):
                 self.time_side(rec, batch, first=True)
-            else:
-                rec["_side_after"] = True
         probe.phase = "update"
         rec["_wall"], rec["_cpu"], rec["_nfe"] = time.perf_counter(), time.process_time(), probe.count("update")
         self.pending, self.pending_batch = rec, batch
         return batch
+
+    def side_due(self, index: int) -> bool:
+        return self.make_side is not None and index >= self.warmup
+
+    @staticmethod
+    def side_goes_first(index: int) -> bool:
+        """The side step runs before ours on even steps, after it on odd ones: neither always
+        follows the data step."""
+        return index % 2 == 0
 
     def time_side(self, rec: dict, batch, first: bool) -> None:
         probe = self.probe

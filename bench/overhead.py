@@ -104,8 +104,8 @@ class BareStep:
         self.trainer = trainer
         self.adapter = trainer.adapter
         self.params = self.adapter.trainable_parameters()
-        fused = trainer.run_config.optimization.optimizer == "adamw_fused"
-        self.optimizer = adamw(self.params, fused=fused, lr=0.0, weight_decay=0.0)  # the loop's AdamW
+        kind = trainer.run_config.optimization.optimizer
+        self.optimizer = adamw(self.params, kind=kind, lr=0.0, weight_decay=0.0)  # the loop's AdamW
         self.max_grad_norm = trainer.run_config.optimization.max_grad_norm
         self.generator = torch.Generator().manual_seed(1234)
 

@@ -105,15 +105,16 @@ def make_reward(name: str, options: dict, tiny: bool, key: str):
         raise ConfigError(f"{key}: {e}") from None
 
 
-def adamw(params: list[torch.nn.Parameter], fused: bool = False, **options) -> torch.optim.AdamW:
-    """``torch.optim.AdamW``, multi-tensor (foreach) also on the CPU, or with ``fused`` its fused kernel.
+def adamw(params: list[torch.nn.Parameter], kind: str = "adamw", **options) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` as ``optimization.optimizer`` names it: ``adamw`` multi-tensor
+    (foreach) also on the CPU, ``adamw_fused`` its fused kernel.
 
     torch picks the foreach implementation by default only for CUDA tensors; on the CPU it is
     bit-identical to the per-tensor loop and faster for a LoRA's many small tensors (about 1 ms
     of a 0.3 s step on the world's models, ``bench/dpo_vs_diffusers.py``). The fused kernel is
     faster still (another 2 ms there) but rounds differently in the last bit.
     """
-    if fused:
+    if kind == "adamw_fused":
         return torch.optim.AdamW(params, fused=True, **options)
     on_cpu = all(p.device.type == "cpu" for p in params)
     return torch.optim.AdamW(params, foreach=True if on_cpu else None, **options)
@@ -227,7 +228,7 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
 
     params = adapter.trainable_parameters()
     optimizer = adamw(
-        params, fused=opt.optimizer == "adamw_fused", lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2),
+        params, kind=opt.optimizer, lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2),
         weight_decay=opt.weight_decay, eps=opt.adam_eps,
     )
     # accelerate steps a prepared scheduler once per process per optimizer step

@@ -402,7 +402,7 @@ class DiffusionAdapter(TrainingWrapperSlot, abc.ABC):
         adapters, the same mode, and the module still says so.
         """
         denoiser = self.denoiser
-        state = (id(denoiser), tuple(getattr(self.unwrapped_denoiser, "peft_config", None) or ()), mode)
+        state = (id(denoiser), self._loaded_adapters(), mode)
         if state == self._train_state and denoiser.training == mode:
             return
         denoiser.train(mode)
@@ -432,11 +432,15 @@ class DiffusionAdapter(TrainingWrapperSlot, abc.ABC):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         denoiser = self.unwrapped_denoiser
-        key = (id(denoiser), tuple(getattr(denoiser, "peft_config", None) or ()))
+        key = (id(denoiser), self._loaded_adapters())
         if self._lora_layers is None or self._lora_layers[0] != key:
             self._lora_layers = (key, [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)])
         for layer in self._lora_layers[1]:
             layer.enable_adapters(enabled)
+
+    def _loaded_adapters(self) -> tuple[str, ...]:
+        """The names of the peft adapters on the denoiser: new LoRA layers come with a new name."""
+        return tuple(getattr(self.unwrapped_denoiser, "peft_config", None) or ())
 
     @contextlib.contextmanager
     def per_sample_lora(self, names: list[str]) -> Iterator[None]:

@@ -143,9 +143,11 @@ def test_llm_vs_trl_pairs_each_repeat(tmp_path):
     firsts = [data["runs"][i]["framework"] for i in (0, 4)]
     assert firsts == ["ours", "trl"]  # the frameworks take turns going first
     for r in data["results"]:
-        assert r["repeats"] == 2 and r["seconds_per_step"] > 0 and r["tokens_per_second"] > 0
+        assert r["repeats"] == 2
+        for key in ("seconds_per_step", "tokens_per_second", "peak_rss_mb"):  # measured, not judged
+            assert r[key] is not None, key
         if r["framework"] == "trl":
-            assert len(r["trl_over_ours_by_repeat"]) == 2 and r["trl_over_ours"] > 0
+            assert len(r["trl_over_ours_by_repeat"]) == 2 and r["trl_over_ours"] is not None
 
 
 @pytest.mark.parametrize("name", ["overhead", "memory", "dpo_vs_diffusers", "alignment", "llm_vs_trl"])

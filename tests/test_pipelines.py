@@ -211,12 +211,17 @@ def test_sd_prompt_encoding_equals_the_pipelines(with_long_prompt):
     assert ours.shape == theirs.shape and torch.equal(ours, theirs)
 
 
+def _add_second_adapter(unet, **options):
+    """A second peft adapter, "second", on layers the first has not (the resnet convs)."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["conv1"], **options), "second")
+
+
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # the second adapter, on purpose
 def test_reference_disables_every_lora_layer_like_diffusers():
     """``reference()`` toggles the LoRA layers as diffusers' disable/enable_adapters do, and still
     finds layers an adapter loaded later adds (its cached layer list follows the adapters)."""
-    from peft import LoraConfig
-
     adapter = build_tiny("sd", seed=0)
     adapter.add_lora(rank=4)
     _perturb_lora(adapter)
@@ -235,7 +240,7 @@ def test_reference_disables_every_lora_layer_like_diffusers():
     assert all(p.requires_grad for p in adapter.trainable_parameters())  # trainable again after the reference
 
     # a second adapter on other layers (resnet convs), made the active one
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["conv1"], init_lora_weights=False), "second")
+    _add_second_adapter(unet, init_lora_weights=False)
     unet.set_adapter("second")
     with torch.no_grad():
         second = adapter.predict(x, t, cond)
@@ -248,8 +253,6 @@ def test_train_mode_reaches_every_module_also_when_the_walk_is_skipped():
     """``adapter.train`` skips repeated walks, but never leaves a module in the wrong mode: not
     after new LoRA layers appear (created in training mode), not after the module is switched
     directly."""
-    from peft import LoraConfig
-
     adapter = build_tiny("sd", seed=0)
     unet = adapter.unwrapped_denoiser
 
@@ -267,7 +270,7 @@ def test_train_mode_reaches_every_module_also_when_the_walk_is_skipped():
     assert modes() == {True}
     adapter.train(False)
     with pytest.warns(UserWarning, match="peft_config"):
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["conv1"], lora_dropout=0.1), "second")
+        _add_second_adapter(unet, lora_dropout=0.1)
     assert modes() == {True, False}  # peft made the new layers in training mode
     adapter.train(False)
     assert modes() == {False}
